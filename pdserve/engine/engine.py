@@ -1,0 +1,174 @@
+"""The engine: scheduler + model runner in one process. step() reads as schedule -> run -> update.
+
+Used in-process (offline `Engine.generate`, tests, benchmarks) and inside the engine process that the
+HTTP front talks to through typed messages (pdserve/engine/process.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from pdserve.config import EngineConfig
+from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.request import Request
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.stop_checker import StopChecker
+from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
+from pdserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def eos_token_ids_of(hf_dir: str, tokenizer) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (int or list) and the tokenizer."""
+    import json
+    import os
+
+    ids: set[int] = set()
+    path = os.path.join(hf_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: int) -> GenerateRequest:
+    """Reject what can never run; clip max_new_tokens to the context. Raises ValueError."""
+    n = len(req.input_ids)
+    if n == 0:
+        raise ValueError("the prompt is empty")
+    if n >= context_len:
+        raise ValueError(f"the prompt has {n} tokens, but the model's context length is {context_len}")
+    if n + 1 > max_total_tokens:
+        raise ValueError(f"the prompt has {n} tokens, more than the KV pool holds ({max_total_tokens})")
+    if req.top_logprobs_num < 0:
+        raise ValueError("top_logprobs_num must be >= 0")
+    if req.logprob_start_len >= n:
+        raise ValueError(f"logprob_start_len ({req.logprob_start_len}) must be smaller than the prompt ({n} tokens)")
+    room = context_len - n
+    if req.sampling.max_new_tokens > room:
+        from dataclasses import replace
+
+        req = replace(req, sampling=req.sampling.with_max_new_tokens(room))
+    return req
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
+        self.config = config
+        self.resolved = resolved or resolve_model(config.model.model_path)
+        self.tokenizer = load_tokenizer(self.resolved.hf_dir)
+        self.eos_token_ids = eos_token_ids_of(self.resolved.hf_dir, self.tokenizer)
+        self.runner = ModelRunner(config, self.resolved.hf_dir, self.eos_token_ids)
+        self.context_len = self.runner.context_len
+        self.max_total_tokens = self.runner.num_slots
+        self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
+        self.requests: dict[str, Request] = {}
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def add_request(self, g: GenerateRequest) -> None:
+        if g.rid in self.requests:
+            raise ValueError(f"duplicate request id {g.rid!r}")
+        g = validate_request(g, self.context_len, self.max_total_tokens)
+        req = Request(g.rid, list(g.input_ids), g.sampling, g.return_logprob, g.top_logprobs_num, g.logprob_start_len)
+        self.requests[g.rid] = req
+        self.scheduler.add(req)
+
+    def abort(self, rid: str) -> RequestOutput | None:
+        req = self.requests.pop(rid, None)
+        if req is None:
+            return None
+        self.scheduler.abort(rid)
+        return self._output(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- step: schedule -> run -> update ----------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        try:
+            results = self.runner.run(sched)
+        except Exception as e:  # fail this batch's requests, keep the engine alive
+            logger.exception("forward failed")
+            outs = []
+            for seq in sched.seqs:
+                self.scheduler.finish(seq.req, "abort", error=f"engine error: {type(e).__name__}: {e}")
+                self.requests.pop(seq.req.rid, None)
+                outs.append(self._output(seq.req))
+            return outs
+        changed = self.scheduler.update(sched, results)
+        outs = []
+        for req in changed:
+            outs.append(self._output(req))
+            if req.finished:
+                self.requests.pop(req.rid, None)
+        return outs
+
+    def _output(self, req: Request) -> RequestOutput:
+        new_ids = req.output_ids[req.num_sent_tokens :]
+        req.num_sent_tokens = len(req.output_ids)
+        out = RequestOutput(
+            rid=req.rid,
+            new_token_ids=new_ids,
+            new_logprobs=req.pending_logprobs if req.return_logprob else None,
+            finish_reason=req.finish_reason,
+            matched_stop=req.matched_stop,
+            prompt_tokens=len(req.prompt_ids),
+            cached_tokens=req.num_cached_tokens,
+            completion_tokens=len(req.output_ids),
+            error=req.error,
+        )
+        req.pending_logprobs = []
+        if req.return_logprob and req.logprob_start_len >= 0 and not req.input_logprobs_sent:
+            out.input_logprobs = req.input_logprobs or []
+            req.input_logprobs_sent = True
+        return out
+
+    # ---- control --------------------------------------------------------------------------------------
+    def load(self) -> LoadReport:
+        s = self.scheduler
+        return LoadReport(
+            num_reqs=len(s.running) + len(s.waiting),
+            num_waiting_reqs=len(s.waiting),
+            num_tokens=self.max_total_tokens - s.kv.allocator.num_free,
+            max_total_tokens=self.max_total_tokens,
+            num_used_by_reqs=s.num_used_by_reqs,
+            num_cached_tokens=s.kv.num_cached_tokens,
+        )
+
+    def flush_cache(self) -> bool:
+        return self.scheduler.kv.flush()
+
+    # ---- offline API ----------------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]], sampling: SamplingParams | None = None,
+                 **kw) -> list[RequestOutput]:
+        """Run prompts to completion (batched); returns one merged RequestOutput per prompt, in order."""
+        sampling = sampling or SamplingParams()
+        rids = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            rid = f"offline-{id(self)}-{len(self.requests)}-{i}"
+            self.add_request(GenerateRequest(rid, tuple(ids), sampling, **kw))
+            rids.append(rid)
+        merged: dict[str, RequestOutput] = {}
+        while any(r not in merged or merged[r].finish_reason is None for r in rids):
+            for o in self.step():
+                m = merged.get(o.rid)
+                if m is None:
+                    merged[o.rid] = o
+                    continue
+                m.new_token_ids = m.new_token_ids + o.new_token_ids
+                if o.new_logprobs is not None:
+                    m.new_logprobs = (m.new_logprobs or []) + o.new_logprobs
+                m.finish_reason, m.matched_stop, m.completion_tokens = o.finish_reason, o.matched_stop, o.completion_tokens
+                m.error = o.error
+        return [merged[r] for r in rids]

@@ -1,0 +1,93 @@
+"""Typed messages between the HTTP front process and the engine process (one dataclass per message)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.sampling_params import SamplingParams
+
+
+# ---- front -> engine -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateRequest:
+    rid: str
+    input_ids: tuple[int, ...]
+    sampling: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1  # -1: no input logprobs; else first prompt position to score
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    rid: str
+
+
+@dataclass(frozen=True)
+class FlushCacheRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class ShutdownRequest:
+    pass
+
+
+# ---- engine -> front -------------------------------------------------------------------------------
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestOutput:
+    """New tokens for one request since its last output; finish_reason set on its last one."""
+
+    rid: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob] | None = None
+    input_logprobs: list[TokenLogprob | None] | None = None  # on the first output only
+    finish_reason: str | None = None  # stop | length | abort
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None  # set with finish_reason="abort" when the engine failed the request
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    num_reqs: int
+    num_waiting_reqs: int
+    num_tokens: int  # KV slots in use (requests + cache)
+    max_total_tokens: int
+    num_used_by_reqs: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class FlushCacheResult:
+    ok: bool
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    max_total_tokens: int
+    context_len: int
+    model_path: str
+    model_type: str
+    architectures: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineFailed:
+    message: str

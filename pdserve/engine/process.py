@@ -1,0 +1,76 @@
+"""The engine process: receives typed messages from the front, steps the engine, sends outputs back."""
+
+from __future__ import annotations
+
+import logging
+import os
+from multiprocessing.connection import Connection
+
+from pdserve.config import EngineConfig
+from pdserve.engine.messages import (
+    AbortRequest,
+    EngineFailed,
+    EngineReady,
+    FlushCacheRequest,
+    FlushCacheResult,
+    GenerateRequest,
+    LoadRequest,
+    RequestOutput,
+    ShutdownRequest,
+)
+from pdserve.model.loader import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+
+def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Connection, log_level: str) -> None:
+    logging.basicConfig(level=log_level.upper(), format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    try:
+        from pdserve.engine.engine import Engine
+
+        engine = Engine(config, resolved)
+    except Exception as e:
+        logger.exception("engine failed to start")
+        conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
+        return
+    conn.send(EngineReady(engine.max_total_tokens, engine.context_len, resolved.source_path,
+                          resolved.model_type, (resolved.architecture,)))
+    try:
+        _loop(engine, conn)
+    except (EOFError, BrokenPipeError, KeyboardInterrupt):
+        pass  # the front went away
+
+
+def _loop(engine, conn: Connection) -> None:
+    while True:
+        block = not engine.has_work
+        while conn.poll(None if block else 0):
+            block = False
+            msg = conn.recv()
+            if isinstance(msg, ShutdownRequest):
+                return
+            reply = _handle(engine, msg)
+            if reply is not None:
+                conn.send(reply)
+        outs = engine.step()
+        if outs:
+            conn.send(outs)
+
+
+def _handle(engine, msg):
+    if isinstance(msg, GenerateRequest):
+        try:
+            engine.add_request(msg)
+        except ValueError as e:
+            return [RequestOutput(msg.rid, [], finish_reason="abort", error=str(e), prompt_tokens=len(msg.input_ids))]
+        return None
+    if isinstance(msg, AbortRequest):
+        out = engine.abort(msg.rid)
+        return [out] if out is not None else None
+    if isinstance(msg, LoadRequest):
+        return engine.load()
+    if isinstance(msg, FlushCacheRequest):
+        ok = engine.flush_cache()
+        return FlushCacheResult(ok, "" if ok else "some cached entries are in use by running requests")
+    logger.error("unknown message %r", msg)
+    return None

@@ -1,0 +1,140 @@
+"""Radix-tree prefix cache over KV slots (SGLang-style, token granular).
+
+Each edge holds a run of token ids and the pool slots holding their KV. Requests lock the path they use;
+unlocked leaves are evicted least recently used first. Plain Python, no tensors.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+
+_tick = itertools.count()
+
+
+class RadixNode:
+    __slots__ = ("key", "slots", "children", "parent", "lock_ref", "last_access", "id")
+
+    def __init__(self, key: tuple[int, ...] = (), slots: list[int] | None = None, parent: "RadixNode | None" = None):
+        self.key = key
+        self.slots = slots or []
+        self.children: dict[int, RadixNode] = {}
+        self.parent = parent
+        self.lock_ref = 0
+        self.last_access = time.monotonic()
+        self.id = next(_tick)
+
+
+def _common_len(a: tuple[int, ...], b: list[int] | tuple[int, ...], start: int) -> int:
+    n = min(len(a), len(b) - start)
+    i = 0
+    while i < n and a[i] == b[start + i]:
+        i += 1
+    return i
+
+
+class RadixCache:
+    def __init__(self, free_slots: Callable[[list[int]], None]):
+        self._free_slots = free_slots
+        self.root = RadixNode()
+        self.root.lock_ref = 1
+        self.num_cached_tokens = 0  # slots owned by the tree
+        self.num_locked_tokens = 0  # of those, slots on a path some request holds
+
+    def match_prefix(self, tokens: list[int] | tuple[int, ...]) -> tuple[list[int], RadixNode]:
+        """Longest cached prefix of tokens: (its slots, the deepest node covering it)."""
+        node, pos, slots = self.root, 0, []
+        now = time.monotonic()
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                break
+            n = _common_len(child.key, tokens, pos)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = now
+            slots.extend(child.slots)
+            pos += n
+            node = child
+        return slots, node
+
+    def _split(self, node: RadixNode, n: int) -> RadixNode:
+        """Split node's edge after n tokens; returns the new upper node."""
+        upper = RadixNode(node.key[:n], node.slots[:n], node.parent)
+        upper.lock_ref = node.lock_ref
+        upper.last_access = node.last_access
+        assert node.parent is not None
+        node.parent.children[node.key[0]] = upper
+        node.key, node.slots, node.parent = node.key[n:], node.slots[n:], upper
+        upper.children[node.key[0]] = node
+        return upper
+
+    def insert(self, tokens: list[int], slots: list[int]) -> int:
+        """Cache tokens -> slots. Returns how many leading tokens were already cached (their slots in
+        `slots` are duplicates the caller still owns and must free)."""
+        node, pos = self.root, 0
+        now = time.monotonic()
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos])
+            if child is None:
+                new = RadixNode(tuple(tokens[pos:]), list(slots[pos:]), node)
+                node.children[tokens[pos]] = new
+                self.num_cached_tokens += len(new.slots)
+                return pos
+            n = _common_len(child.key, tokens, pos)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access = now
+            pos += n
+            node = child
+        return pos
+
+    def lock(self, node: RadixNode) -> None:
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self.num_locked_tokens += len(node.slots)
+            node.lock_ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def unlock(self, node: RadixNode) -> None:
+        while node is not self.root:
+            node.lock_ref -= 1
+            assert node.lock_ref >= 0
+            if node.lock_ref == 0:
+                self.num_locked_tokens -= len(node.slots)
+            node = node.parent  # type: ignore[assignment]
+
+    @property
+    def num_evictable_tokens(self) -> int:
+        return self.num_cached_tokens - self.num_locked_tokens
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least num_tokens slots from unlocked leaves, LRU first. Returns slots freed."""
+        leaves = [(n.last_access, n.id, n) for n in self._nodes() if not n.children and n.lock_ref == 0]
+        heapq.heapify(leaves)
+        freed = 0
+        while freed < num_tokens and leaves:
+            _, _, leaf = heapq.heappop(leaves)
+            self._free_slots(leaf.slots)
+            freed += len(leaf.slots)
+            self.num_cached_tokens -= len(leaf.slots)
+            parent = leaf.parent
+            assert parent is not None
+            del parent.children[leaf.key[0]]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(leaves, (parent.last_access, parent.id, parent))
+        return freed
+
+    def reset(self) -> int:
+        """Drop every unlocked entry (flush_cache). Returns slots freed."""
+        return self.evict(self.num_cached_tokens)
+
+    def _nodes(self):
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            if n is not self.root:
+                yield n

@@ -1,0 +1,228 @@
+"""Continuous-batching scheduler: plain Python, never touches tensors.
+
+schedule() picks, under a token budget, the running decodes (one token each) and prefill chunks for this
+step and gives each the KV slots it will write; update() applies the sampled tokens and retires requests.
+Memory: slots come from KVSlotAllocator; the radix cache lends prefixes and is evicted LRU when short. A
+decode that cannot grow preempts the newest running request (its KV is cached, it re-queues at the front).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.config import EngineConfig
+from pdserve.engine.kv_pool import KVSlotAllocator
+from pdserve.engine.messages import TokenLogprob
+from pdserve.engine.radix_cache import RadixCache
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.stop_checker import StopChecker
+
+
+@dataclass
+class ScheduledSeq:
+    req: Request
+    num_new_tokens: int  # computed this step, from req.num_computed_tokens on
+
+    @property
+    def samples(self) -> bool:
+        return self.req.num_computed_tokens + self.num_new_tokens == self.req.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[ScheduledSeq] = field(default_factory=list)
+    decodes: list[ScheduledSeq] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        return self.prefills + self.decodes
+
+
+@dataclass
+class SampledToken:
+    """What the runner returns for each sequence that sampled (or scored its prompt) this step."""
+
+    token_id: int | None
+    logprob: TokenLogprob | None = None
+    input_logprobs: list[TokenLogprob | None] | None = None  # for the prompt positions computed this step
+
+
+class KVManager:
+    """Slots for requests: prefix-cache lookup, allocation with eviction, release into the cache."""
+
+    def __init__(self, num_slots: int, enable_radix: bool):
+        self.allocator = KVSlotAllocator(num_slots)
+        self.tree = RadixCache(self.allocator.free) if enable_radix else None
+
+    @property
+    def num_available(self) -> int:
+        return self.allocator.num_free + (self.tree.num_evictable_tokens if self.tree else 0)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.tree.num_cached_tokens if self.tree else 0
+
+    def match_prefix(self, req: Request) -> None:
+        """Attach the longest cached prefix (leaving >= 1 token to compute) to a request with no slots."""
+        if self.tree is None:
+            return
+        limit = req.num_tokens - 1
+        if req.wants_input_logprobs:
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        slots, node = self.tree.match_prefix(req.all_ids[:limit])
+        self.tree.lock(node)
+        req.cache_node, req.slots, req.num_tree_slots = node, slots, len(slots)
+        req.num_computed_tokens = len(slots)
+
+    def grow(self, req: Request, n: int) -> bool:
+        """Give req slots for its next n tokens, evicting cached prefixes if needed."""
+        need = req.num_computed_tokens + n - len(req.slots)
+        if need <= 0:
+            return True
+        if self.allocator.num_free < need and self.tree is not None:
+            self.tree.evict(need - self.allocator.num_free)
+        got = self.allocator.alloc(need)
+        if got is None:
+            return False
+        req.slots.extend(got)
+        return True
+
+    def release(self, req: Request) -> None:
+        """Return a request's slots: computed KV goes into the prefix cache, the rest to the free list."""
+        n = req.num_computed_tokens
+        if self.tree is not None and req.cache_node is not None:
+            already = self.tree.insert(req.all_ids[:n], req.slots[:n])
+            self.allocator.free(req.slots[req.num_tree_slots:already])
+            self.allocator.free(req.slots[max(n, already):])
+            self.tree.unlock(req.cache_node)
+        else:
+            self.allocator.free(req.slots[req.num_tree_slots:])
+        req.slots, req.num_tree_slots, req.cache_node = [], 0, None
+
+    def flush(self) -> bool:
+        if self.tree is None:
+            return True
+        self.tree.reset()
+        return self.tree.num_cached_tokens == 0
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, num_slots: int, stop_checker: StopChecker):
+        self.config = config
+        self.kv = KVManager(num_slots, enable_radix=not config.disable_radix_cache)
+        self.stop = stop_checker
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.step_budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else config.max_prefill_tokens
+
+    # ---- queue management -------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> Request | None:
+        for req in list(self.waiting) + self.running:
+            if req.rid == rid:
+                self.finish(req, "abort")
+                return req
+        return None
+
+    def finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finished:
+            return
+        req.finish_reason = req.finish_reason or reason
+        if error:
+            req.finish_reason, req.error = "abort", error
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.release(req)
+        req.status = RequestStatus.FINISHED
+
+    @property
+    def num_used_by_reqs(self) -> int:
+        return sum(len(r.slots) - r.num_tree_slots for r in self.running)
+
+    # ---- schedule -----------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = max(self.step_budget, 1)
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING or not req.is_decoding:
+                continue
+            while not self.kv.grow(req, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+            if req.status is RequestStatus.RUNNING:
+                out.decodes.append(ScheduledSeq(req, 1))
+        budget -= len(out.decodes)
+        # Continue chunked prefills of running requests, then admit waiting ones (FCFS).
+        for req in self.running:
+            if budget <= 0:
+                break
+            if not req.is_decoding and req.num_uncomputed_tokens > 0:
+                n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
+                if not self.kv.grow(req, n):
+                    break
+                out.prefills.append(ScheduledSeq(req, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            if not req.slots:
+                self.kv.match_prefix(req)
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = req.num_computed_tokens
+            n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
+            # Keep room for every running decode to grow one token after this admission.
+            if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.prefills.append(ScheduledSeq(req, n))
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.release(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        if not req.input_logprobs_sent:
+            req.input_logprobs = None  # recomputed from scratch on resume
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    # ---- update -------------------------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, results: list[SampledToken | None]) -> list[Request]:
+        """Advance counters with this step's results; returns requests that changed (for output)."""
+        changed = []
+        for seq, res in zip(sched.seqs, results):
+            req = seq.req
+            if req.finished:  # aborted while the step ran
+                continue
+            samples = seq.samples
+            req.num_computed_tokens += seq.num_new_tokens
+            if res is not None and res.input_logprobs is not None:
+                req.input_logprobs = (req.input_logprobs or []) + res.input_logprobs
+            if not samples:
+                continue
+            if req.sampling.max_new_tokens == 0:
+                self.finish(req, "length")
+            else:
+                assert res is not None and res.token_id is not None
+                req.output_ids.append(res.token_id)
+                if res.logprob is not None:
+                    req.pending_logprobs.append(res.logprob)
+                self.stop.check(req)
+                if req.finish_reason is not None:
+                    self.finish(req, req.finish_reason)
+            changed.append(req)
+        return changed

@@ -1,0 +1,48 @@
+"""Every environment variable pdserve honours, read once, here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+def _default_thread_pool_size() -> int:
+    return min(max(int(0.75 * (os.cpu_count() or 1)) // 8, 4), 12)
+
+
+@dataclass(frozen=True)
+class Envs:
+    disagg_thread_pool_size: int
+    disagg_queue_size: int
+    disagg_bootstrap_timeout_s: float
+    disagg_waiting_timeout_s: float
+    disagg_heartbeat_interval_s: float
+    disagg_heartbeat_max_failure: int
+    disagg_nixl_backend: str
+    cache_dir: str
+
+
+def _read() -> Envs:
+    return Envs(
+        disagg_thread_pool_size=_int("SGLANG_DISAGGREGATION_THREAD_POOL_SIZE", _default_thread_pool_size()),
+        disagg_queue_size=_int("SGLANG_DISAGGREGATION_QUEUE_SIZE", 4),
+        disagg_bootstrap_timeout_s=_float("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300.0),
+        disagg_waiting_timeout_s=_float("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300.0),
+        disagg_heartbeat_interval_s=_float("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", 5.0),
+        disagg_heartbeat_max_failure=_int("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", 2),
+        disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
+        cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
+    )
+
+
+ENVS = _read()

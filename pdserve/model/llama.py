@@ -1,0 +1,210 @@
+"""Llama-family forward (Llama, SmolLM2, Mistral, Qwen2) over an engine-owned KV pool.
+
+The runner hands in a flat token batch and an `AttnMetadata`; attention writes each new token's K/V into
+its pool slot and reads every request's context through its slot list. No scheduling happens here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "LlamaArch":
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+        )
+
+
+@dataclass
+class PrefillSegment:
+    """One request's run of >=1 query tokens that attends to a (possibly longer) slot list."""
+
+    q_start: int  # offset in the flat batch
+    q_len: int
+    kv_slots: torch.Tensor  # [kv_len] int64, context incl. the new tokens
+    prefix_len: int  # kv_len - q_len tokens already in the pool before this step
+
+
+@dataclass
+class AttnMetadata:
+    out_slots: torch.Tensor  # [num_tokens] int64: pool slot each new token's K/V goes to
+    prefills: list[PrefillSegment]
+    # Batched single-token decodes occupy the flat batch's tail [decode_start:].
+    decode_start: int
+    decode_slot_table: torch.Tensor | None  # [num_decodes, max_kv_len] int64, padded with slot 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_kv_len] bool, True = attend
+
+
+class KVCache:
+    """Per-layer K and V pools: [num_slots, num_kv_heads, head_dim], allocated once."""
+
+    def __init__(self, arch: LlamaArch, num_slots: int, dtype: torch.dtype, device: torch.device):
+        shape = (num_slots, arch.num_kv_heads, arch.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+        self.num_slots = num_slots
+
+    def bytes_per_token(self) -> int:
+        t = self.k[0]
+        return 2 * len(self.k) * t.shape[1] * t.shape[2] * t.element_size()
+
+
+class LlamaForCausalLM:
+    def __init__(self, hf_dir: str, dtype: torch.dtype, device: torch.device):
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            self.config = json.load(f)
+        self.arch = a = LlamaArch.from_config(self.config)
+        self.dtype, self.device = dtype, device
+        sd = _load_state_dict(hf_dir)
+
+        def w(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise ValueError(f"weight {name} missing from {hf_dir}")
+            return sd[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")  # [V, H]
+        self.norm = w("model.norm.weight")
+        self.lm_head = self.embed if a.tie_word_embeddings and "lm_head.weight" not in sd else w("lm_head.weight")
+        self.layers = []
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])  # [(nH+2nKV)*D, H]
+            bias = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if a.qkv_bias else None
+            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2I, H]
+            self.layers.append(
+                dict(
+                    in_norm=w(p + "input_layernorm.weight"),
+                    qkv=qkv,
+                    qkv_bias=bias,
+                    o=w(p + "self_attn.o_proj.weight"),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=gate_up,
+                    down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
+        self.scale = a.head_dim**-0.5
+
+    # ---- forward ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata, kv: KVCache,
+                logits_idx: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; logits_idx: [N] rows of the batch to score. Returns logits [N, V] fp32."""
+        a = self.arch
+        x = F.embedding(input_ids, self.embed)  # [T, H]
+        cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].to(self.dtype).unsqueeze(1)
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        for li, L in enumerate(self.layers):
+            h = F.rms_norm(x, (a.hidden_size,), L["in_norm"], a.rms_norm_eps)
+            qkv = F.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = _rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)  # [T, nH, D]
+            k = _rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)  # [T, nKV, D]
+            v = v.view(-1, a.num_kv_heads, a.head_dim)
+            kv.k[li].index_copy_(0, meta.out_slots, k)
+            kv.v[li].index_copy_(0, meta.out_slots, v)
+            o = self._attention(q, kv.k[li], kv.v[li], meta)  # [T, nH*D]
+            x = x + F.linear(o, L["o"])
+            h = F.rms_norm(x, (a.hidden_size,), L["post_norm"], a.rms_norm_eps)
+            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, L["down"])
+        x = x.index_select(0, logits_idx)
+        x = F.rms_norm(x, (a.hidden_size,), self.norm, a.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()  # [N, V]
+
+    def _attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttnMetadata):
+        a = self.arch
+        out = torch.empty_like(q)  # [T, nH, D]
+        for seg in meta.prefills:
+            qs = q[seg.q_start : seg.q_start + seg.q_len].transpose(0, 1).unsqueeze(0)  # [1, nH, q, D]
+            ks = k_pool.index_select(0, seg.kv_slots).transpose(0, 1).unsqueeze(0)  # [1, nKV, kv, D]
+            vs = v_pool.index_select(0, seg.kv_slots).transpose(0, 1).unsqueeze(0)
+            if seg.prefix_len == 0:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+            else:
+                kv_len = seg.prefix_len + seg.q_len
+                qpos = torch.arange(seg.prefix_len, kv_len, device=q.device).unsqueeze(1)
+                mask = torch.arange(kv_len, device=q.device).unsqueeze(0) <= qpos  # [q, kv]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[seg.q_start : seg.q_start + seg.q_len] = o.squeeze(0).transpose(0, 1)
+        if meta.decode_slot_table is not None:
+            table = meta.decode_slot_table  # [B, S]
+            b, s = table.shape
+            qd = q[meta.decode_start :].unsqueeze(2)  # [B, nH, 1, D]
+            kd = k_pool.index_select(0, table.view(-1)).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            vd = v_pool.index_select(0, table.view(-1)).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale,
+                                               enable_gqa=True)  # [B, nH, 1, D]
+            out[meta.decode_start :] = o.squeeze(2)
+        return out.view(q.shape[0], -1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _rope_tables(cfg: dict, a: LlamaArch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_pos, D] computed by transformers' own rotary embedding, so scaling variants match."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = AutoConfig.for_model(**cfg)
+    params = getattr(hf_cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    if rope_type == "default":
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(params, dict) else 10000.0
+        inv_freq = 1.0 / (theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64).float() / a.head_dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
+    pos = torch.arange(a.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq.float())
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
+
+
+def _load_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors weights in {hf_dir}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            sd.update(load_file(os.path.join(hf_dir, f)))
+        except Exception as e:
+            raise ValueError(f"cannot read weights {f}: {e}") from None
+    return sd
