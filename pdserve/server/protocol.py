@@ -1,0 +1,360 @@
+"""Typed request parsing and validation: JSON bodies in, frozen dataclasses out (SGLang / OpenAI field names).
+
+Every problem raises BadRequestError with a message naming the field. Unknown fields are ignored (kept in
+`extra`), since routers add their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from pdserve.sampling_params import SamplingParams
+from pdserve.server.errors import BadRequestError
+
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+_UNSET_MAX_TOKENS = 1 << 30  # placeholder; replaced once the prompt length is known
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+# ---- small typed getters ------------------------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_int_list(v: object) -> bool:
+    return isinstance(v, list) and all(_is_int(x) for x in v)
+
+
+def _get_int(d: dict, key: str, default: int | None = None) -> int | None:
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not _is_int(v):
+        raise BadRequestError(f"{key} must be an integer, got {v!r}", param=key)
+    return v
+
+
+def _get_bool(d: dict, key: str, default: bool = False) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise BadRequestError(f"{key} must be a boolean, got {v!r}", param=key)
+    return v
+
+
+def _get_str(d: dict, key: str) -> str | None:
+    v = d.get(key)
+    if v is not None and not isinstance(v, str):
+        raise BadRequestError(f"{key} must be a string, got {v!r}", param=key)
+    return v
+
+
+def _get_dict(d: dict, key: str) -> dict:
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise BadRequestError(f"{key} must be an object, got {v!r}", param=key)
+    return v
+
+
+def _sampling(d: dict, param: str) -> SamplingParams:
+    try:
+        return SamplingParams.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise BadRequestError(str(e), param=param) from None
+
+
+def _require_object(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return body
+
+
+# ---- SGLang native /generate ---------------------------------------------------------------------------
+_NATIVE_FIELDS = frozenset({
+    "text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
+    "return_text_in_logprobs", "stream", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+})
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    """One prompt of a (possibly batched) /generate request."""
+
+    text: str | None
+    input_ids: list[int] | None
+    sampling: SamplingParams
+    rid: str | None = None
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateReqInput:
+    items: list[GenerateItem]
+    is_batch: bool = False
+    stream: bool = False
+    return_text_in_logprobs: bool = False
+    extra: dict[str, object] = field(default_factory=dict)  # unknown fields, untouched (router / PD hints)
+
+
+def _per_item(body: dict, key: str, n: int, is_batch: bool, check) -> list:
+    """A field given once for all prompts, or (for a batch) as a list with one value per prompt."""
+    v = body.get(key)
+    if is_batch and isinstance(v, list):
+        if len(v) != n:
+            raise BadRequestError(f"{key} has {len(v)} entries for {n} prompts", param=key)
+        return [check({key: x}, key) for x in v]
+    one = check(body, key)
+    return [one] * n
+
+
+def _sampling_entry(d: dict, key: str) -> SamplingParams:
+    v = d.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise BadRequestError(f"{key} must be an object, got {v!r}", param=key)
+    return _sampling(v or {}, key)
+
+
+def _rid_entry(d: dict, key: str) -> str | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v:
+        raise BadRequestError(f"{key} must be a non-empty string, got {v!r}", param=key)
+    return v
+
+
+def _int_entry(default: int | None):
+    return lambda d, key: _get_int(d, key, default)
+
+
+def parse_generate(body: object) -> GenerateReqInput:
+    body = _require_object(body)
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise BadRequestError("exactly one of text and input_ids is required")
+    texts: list[str | None]
+    ids: list[list[int] | None]
+    if text is not None:
+        if isinstance(text, str):
+            texts, is_batch = [text], False
+        elif isinstance(text, list) and text and all(isinstance(t, str) for t in text):
+            texts, is_batch = list(text), True
+        else:
+            raise BadRequestError("text must be a string or a non-empty list of strings", param="text")
+        ids = [None] * len(texts)
+    else:
+        if _is_int_list(input_ids):
+            ids, is_batch = [list(input_ids)], False
+        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) for x in input_ids):
+            ids, is_batch = [list(x) for x in input_ids], True
+        else:
+            raise BadRequestError("input_ids must be a list of integers or a list of such lists", param="input_ids")
+        texts = [None] * len(ids)
+    n = len(texts)
+    sampling = _per_item(body, "sampling_params", n, is_batch, _sampling_entry)
+    rids = _per_item(body, "rid", n, is_batch, _rid_entry)
+    if is_batch and isinstance(body.get("rid"), str):
+        rids = [f"{body['rid']}-{i}" for i in range(n)]
+    if len({r for r in rids if r is not None}) != len([r for r in rids if r is not None]):
+        raise BadRequestError("rid values must be distinct", param="rid")
+    return_logprob = _per_item(body, "return_logprob", n, is_batch, lambda d, k: _get_bool(d, k))
+    start_len = _per_item(body, "logprob_start_len", n, is_batch, _int_entry(-1))
+    top_num = _per_item(body, "top_logprobs_num", n, is_batch, _int_entry(0))
+    hosts = _per_item(body, "bootstrap_host", n, is_batch, lambda d, k: _get_str(d, k))
+    ports = _per_item(body, "bootstrap_port", n, is_batch, _int_entry(None))
+    rooms = _per_item(body, "bootstrap_room", n, is_batch, _int_entry(None))
+    for k in top_num:
+        if not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise BadRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {k}", param="top_logprobs_num")
+    items = [
+        GenerateItem(
+            text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
+            logprob_start_len=start_len[i], top_logprobs_num=top_num[i], bootstrap_host=hosts[i],
+            bootstrap_port=ports[i], bootstrap_room=rooms[i],
+        )
+        for i in range(n)
+    ]
+    return GenerateReqInput(
+        items=items,
+        is_batch=is_batch,
+        stream=_get_bool(body, "stream"),
+        return_text_in_logprobs=_get_bool(body, "return_text_in_logprobs"),
+        extra={k: v for k, v in body.items() if k not in _NATIVE_FIELDS},
+    )
+
+
+# ---- OpenAI --------------------------------------------------------------------------------------------
+# OpenAI request field -> SGLang sampling field (the SGLang extensions are accepted under their own names).
+_OPENAI_SAMPLING = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop", "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens", "no_stop_trim": "no_stop_trim",
+    "spaces_between_special_tokens": "spaces_between_special_tokens", "logit_bias": "logit_bias",
+    "min_tokens": "min_new_tokens",
+}
+
+
+@dataclass(frozen=True)
+class OpenAICommon:
+    model: str | None
+    n: int
+    stream: bool
+    include_usage: bool
+    sampling: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
+    max_tokens: int | None  # None: OpenAI default (completions: 16, chat: the rest of the context)
+    rid: str | None
+
+
+def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
+    model = _get_str(body, "model")
+    n = _get_int(body, "n", 1)
+    if not 1 <= n <= MAX_N:
+        raise BadRequestError(f"n must be in [1, {MAX_N}], got {n}", param="n")
+    max_tokens = None
+    for key in max_token_keys:
+        v = _get_int(body, key)
+        if v is not None:
+            if v <= 0:
+                raise BadRequestError(f"{key} must be a positive integer, got {v}", param=key)
+            max_tokens = v
+            break
+    sampling_dict = {dst: body[src] for src, dst in _OPENAI_SAMPLING.items() if body.get(src) is not None}
+    for tok, bias in _get_dict(body, "logit_bias").items():
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequestError(f"logit_bias[{tok}] must be a number in [-100, 100], got {bias!r}", "logit_bias")
+    sampling_dict["max_new_tokens"] = max_tokens if max_tokens is not None else _UNSET_MAX_TOKENS
+    sampling = _sampling(sampling_dict, "sampling")
+    stream = _get_bool(body, "stream")
+    include_usage = _get_bool(_get_dict(body, "stream_options"), "include_usage")
+    fmt = _get_dict(body, "response_format").get("type", "text")
+    if fmt != "text":
+        raise BadRequestError(f"response_format {fmt!r} is not supported", param="response_format")
+    return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"))
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    common: OpenAICommon
+    prompts: list[str | list[int]]
+    echo: bool = False
+    logprobs: int | None = None  # number of top logprobs per token; None: no logprobs
+
+
+def parse_completion(body: object) -> CompletionRequest:
+    body = _require_object(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif _is_int_list(prompt) and prompt:
+        prompts = [list(prompt)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_int_list(p) for p in prompt):
+        prompts = [p if isinstance(p, str) else list(p) for p in prompt]
+    else:
+        raise BadRequestError("prompt must be a string, a list of strings or a list of token ids", param="prompt")
+    logprobs = _get_int(body, "logprobs")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}", param="logprobs")
+    return CompletionRequest(
+        common=_openai_common(body, ("max_tokens",)),
+        prompts=prompts,
+        echo=_get_bool(body, "echo"),
+        logprobs=logprobs,
+    )
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    name: str | None = None
+
+    def to_template(self) -> dict[str, str]:
+        d = {"role": self.role, "content": self.content}
+        if self.name:
+            d["name"] = self.name
+        return d
+
+
+@dataclass(frozen=True)
+class ChatCompletionRequest:
+    common: OpenAICommon
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: int = 0
+    chat_template_kwargs: dict[str, object] = field(default_factory=dict)
+
+
+def _message_content(content: object, i: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise BadRequestError(f"messages[{i}].content: only text parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise BadRequestError(f"messages[{i}].content must be a string or a list of parts", param="messages")
+
+
+def parse_chat(body: object) -> ChatCompletionRequest:
+    body = _require_object(body)
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise BadRequestError("messages must be a non-empty list", param="messages")
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise BadRequestError(f"messages[{i}] must be an object", param="messages")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", "messages")
+        name = m.get("name")
+        messages.append(ChatMessage(role, _message_content(m.get("content"), i), name if isinstance(name, str) else None))
+    logprobs = _get_bool(body, "logprobs")
+    top = _get_int(body, "top_logprobs", 0)
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", param="top_logprobs")
+    if top and not logprobs:
+        raise BadRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+    return ChatCompletionRequest(
+        common=_openai_common(body, ("max_completion_tokens", "max_tokens")),
+        messages=messages,
+        logprobs=logprobs,
+        top_logprobs=top,
+        chat_template_kwargs=_get_dict(body, "chat_template_kwargs"),
+    )
+
+
+def sampling_for_choice(sampling: SamplingParams, index: int) -> SamplingParams:
+    """The i-th of n independent samples: seed + i when a seed is set."""
+    return sampling if sampling.seed is None or index == 0 else replace(sampling, seed=sampling.seed + index)
+
+
+@dataclass(frozen=True)
+class AbortReq:
+    rid: str
+    abort_all: bool = False
+
+
+def parse_abort(body: object) -> AbortReq:
+    body = _require_object(body)
+    rid = _get_str(body, "rid") or ""
+    abort_all = _get_bool(body, "abort_all")
+    if not rid and not abort_all:
+        raise BadRequestError("rid is required (or abort_all: true)", param="rid")
+    return AbortReq(rid, abort_all)
