@@ -94,24 +94,27 @@ class LlamaForCausalLM:
                 raise ValueError(f"weight {name} missing from {hf_dir}")
             return sd[name].to(device=device, dtype=dtype).contiguous()
 
+        # Linear weights are kept transposed ([in, out]): x @ W_t reads them at about twice the memory
+        # bandwidth of F.linear's x @ W.T for small batches on CPU (decode is bandwidth bound).
         self.embed = w("model.embed_tokens.weight")  # [V, H]
         self.norm = w("model.norm.weight")
-        self.lm_head = self.embed if a.tie_word_embeddings and "lm_head.weight" not in sd else w("lm_head.weight")
+        tied = a.tie_word_embeddings and "lm_head.weight" not in sd
+        self.lm_head_t = (self.embed if tied else w("lm_head.weight")).t().contiguous()  # [H, V]
         self.layers = []
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])  # [(nH+2nKV)*D, H]
+            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t().contiguous()  # [H, (nH+2nKV)*D]
             bias = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if a.qkv_bias else None
-            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2I, H]
+            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).t().contiguous()  # [H, 2I]
             self.layers.append(
                 dict(
                     in_norm=w(p + "input_layernorm.weight"),
                     qkv=qkv,
                     qkv_bias=bias,
-                    o=w(p + "self_attn.o_proj.weight"),
+                    o=w(p + "self_attn.o_proj.weight").t().contiguous(),  # [nH*D, H]
                     post_norm=w(p + "post_attention_layernorm.weight"),
                     gate_up=gate_up,
-                    down=w(p + "mlp.down_proj.weight"),
+                    down=w(p + "mlp.down_proj.weight").t().contiguous(),  # [I, H]
                 )
             )
         self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
@@ -129,7 +132,9 @@ class LlamaForCausalLM:
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (a.hidden_size,), L["in_norm"], a.rms_norm_eps)
-            qkv = F.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
+            qkv = h @ L["qkv"]  # [T, (nH+2nKV)*D]
+            if L["qkv_bias"] is not None:
+                qkv = qkv + L["qkv_bias"]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = _rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)  # [T, nH, D]
             k = _rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)  # [T, nKV, D]
@@ -137,13 +142,13 @@ class LlamaForCausalLM:
             kv.k[li].index_copy_(0, meta.out_slots, k)
             kv.v[li].index_copy_(0, meta.out_slots, v)
             o = self._attention(q, kv.k[li], kv.v[li], meta)  # [T, nH*D]
-            x = x + F.linear(o, L["o"])
+            x = x + o @ L["o"]
             h = F.rms_norm(x, (a.hidden_size,), L["post_norm"], a.rms_norm_eps)
-            gate, up = F.linear(h, L["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, L["down"])
+            gate, up = (h @ L["gate_up"]).chunk(2, dim=-1)  # [T, I] each
+            x = x + (F.silu(gate) * up) @ L["down"]
         x = x.index_select(0, logits_idx)
         x = F.rms_norm(x, (a.hidden_size,), self.norm, a.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()  # [N, V]
+        return (x @ self.lm_head_t).float()  # [N, V]
 
     def _attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttnMetadata):
         a = self.arch

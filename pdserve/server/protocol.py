@@ -62,7 +62,7 @@ def _get_dict(d: dict, key: str) -> dict:
     return v
 
 
-def _sampling(d: dict, param: str) -> SamplingParams:
+def _sampling(d: dict, param: str | None) -> SamplingParams:
     try:
         return SamplingParams.from_dict(d)
     except (ValueError, TypeError) as e:
@@ -235,7 +235,7 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise BadRequestError(f"logit_bias[{tok}] must be a number in [-100, 100], got {bias!r}", "logit_bias")
     sampling_dict["max_new_tokens"] = max_tokens if max_tokens is not None else _UNSET_MAX_TOKENS
-    sampling = _sampling(sampling_dict, "sampling")
+    sampling = _sampling(sampling_dict, None)
     stream = _get_bool(body, "stream")
     include_usage = _get_bool(_get_dict(body, "stream_options"), "include_usage")
     fmt = _get_dict(body, "response_format").get("type", "text")
