@@ -27,7 +27,7 @@ class APIError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str, status: int | None = None, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:

@@ -12,7 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdserve.engine.messages import GenerateRequest, RequestOutput, TokenLogprob
 from pdserve.sampling_params import SamplingParams
@@ -121,6 +121,10 @@ class GenerationService:
         bad = next((t for t in inp.input_ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise BadRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "input_ids")
+        bad = next((t for t, _ in inp.sampling.logit_bias if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequestError(f"logit_bias names token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                                  "logit_bias")
         room = self.context_len - n
         if room < 0 or (room == 0 and inp.sampling.max_new_tokens > 0):
             raise BadRequestError(
@@ -131,8 +135,7 @@ class GenerationService:
             raise BadRequestError(f"logprob_start_len must be in [-1, {n}), got {inp.logprob_start_len}",
                                   param="logprob_start_len")
         if inp.sampling.max_new_tokens > room:
-            inp = GenInput(inp.rid, inp.input_ids, inp.sampling.with_max_new_tokens(room), inp.return_logprob,
-                           inp.top_logprobs_num, inp.logprob_start_len, inp.stream)
+            inp = replace(inp, sampling=inp.sampling.with_max_new_tokens(room))
         return inp
 
     # ---- running ----------------------------------------------------------------------------------------
@@ -168,20 +171,8 @@ class GenerationService:
         try:
             detok = DetokenizeStream(self.tokenizer, inp.input_ids, inp.sampling)
             while finish is None:
-                error: str | None = None
-                try:
-                    out: RequestOutput = await engine_stream.__anext__()
-                except StopAsyncIteration:
-                    out, error = RequestOutput(inp.rid, []), "the engine ended the request without a finish reason"
-                except ValueError as e:
-                    if not started:
-                        raise BadRequestError(str(e)) from None
-                    out, error = RequestOutput(inp.rid, []), f"engine error: {e}"
-                except Exception as e:  # the engine client failed (e.g. the engine process died)
-                    logger.exception("request %s failed in the engine client", inp.rid)
-                    out, error = RequestOutput(inp.rid, []), f"engine error: {type(e).__name__}: {e}"
+                out, error = await self._next_output(engine_stream, inp.rid, started)
                 started = True
-                error = error or out.error
                 completion = max(completion + len(out.new_token_ids), out.completion_tokens)
                 prompt_tokens = out.prompt_tokens or prompt_tokens
                 cached = max(cached, out.cached_tokens)
@@ -203,6 +194,23 @@ class GenerationService:
             self.active.discard(inp.rid)
             await engine_stream.aclose()
             timer.on_finish(prompt_tokens if started else 0, completion, cached, finish is None or finish.type == "abort")
+
+    @staticmethod
+    async def _next_output(engine_stream: AsyncIterator[RequestOutput], rid: str,
+                           started: bool) -> tuple[RequestOutput, str | None]:
+        """The engine's next output, or a stand-in with an error for whatever went wrong getting it."""
+        try:
+            out = await engine_stream.__anext__()
+        except StopAsyncIteration:
+            return RequestOutput(rid, []), "the engine ended the request without a finish reason"
+        except ValueError as e:  # the engine client rejects a request before its first output
+            if not started:
+                raise BadRequestError(str(e)) from None
+            return RequestOutput(rid, []), f"engine error: {e}"
+        except Exception as e:  # the engine client failed (e.g. the engine process died)
+            logger.exception("request %s failed in the engine client", rid)
+            return RequestOutput(rid, []), f"engine error: {type(e).__name__}: {e}"
+        return out, out.error
 
     @staticmethod
     def _finish_reason(out: RequestOutput, error: str | None, completion: int) -> FinishReason | None:

