@@ -193,7 +193,8 @@ class GenerationService:
         finally:
             self.active.discard(inp.rid)
             await engine_stream.aclose()
-            timer.on_finish(prompt_tokens if started else 0, completion, cached, finish is None or finish.type == "abort")
+            aborted = finish is None or finish.type == "abort"
+            timer.on_finish(prompt_tokens if started else 0, completion, cached, aborted)
 
     @staticmethod
     async def _next_output(engine_stream: AsyncIterator[RequestOutput], rid: str,

@@ -77,7 +77,8 @@ class NativeServing:
                 self._entry(lp.logprob if lp else None, lp.token_id if lp else tok, with_text)
                 for lp, tok in zip(in_lps, in_ids)
             ]
-            meta["output_token_logprobs"] = [self._entry(lp.logprob, lp.token_id, with_text) for lp in r.output_logprobs]
+            meta["output_token_logprobs"] = [self._entry(lp.logprob, lp.token_id, with_text)
+                                             for lp in r.output_logprobs]
             if inp.top_logprobs_num > 0:
                 meta["input_top_logprobs"] = [self._top(lp, inp.top_logprobs_num, with_text) if lp else None
                                               for lp in in_lps]

@@ -6,10 +6,14 @@ Every problem raises BadRequestError with a message naming the field. Unknown fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.errors import BadRequestError
+
+T = TypeVar("T")
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -107,7 +111,7 @@ class GenerateReqInput:
     extra: dict[str, object] = field(default_factory=dict)  # unknown fields, untouched (router / PD hints)
 
 
-def _per_item(body: dict, key: str, n: int, is_batch: bool, check) -> list:
+def _per_item(body: dict, key: str, n: int, is_batch: bool, check: Callable[[dict, str], T]) -> list[T]:
     """A field given once for all prompts, or (for a batch) as a list with one value per prompt."""
     v = body.get(key)
     if is_batch and isinstance(v, list):
@@ -134,7 +138,7 @@ def _rid_entry(d: dict, key: str) -> str | None:
     return v
 
 
-def _int_entry(default: int | None):
+def _int_entry(default: int | None) -> Callable[[dict, str], int | None]:
     return lambda d, key: _get_int(d, key, default)
 
 
@@ -176,7 +180,8 @@ def parse_generate(body: object) -> GenerateReqInput:
     rooms = _per_item(body, "bootstrap_room", n, is_batch, _int_entry(None))
     for k in top_num:
         if not 0 <= k <= MAX_TOP_LOGPROBS:
-            raise BadRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {k}", param="top_logprobs_num")
+            raise BadRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {k}",
+                                  param="top_logprobs_num")
     items = [
         GenerateItem(
             text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
@@ -322,9 +327,11 @@ def parse_chat(body: object) -> ChatCompletionRequest:
             raise BadRequestError(f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", "messages")
+            raise BadRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                                  param="messages")
         name = m.get("name")
-        messages.append(ChatMessage(role, _message_content(m.get("content"), i), name if isinstance(name, str) else None))
+        content = _message_content(m.get("content"), i)
+        messages.append(ChatMessage(role, content, name if isinstance(name, str) else None))
     logprobs = _get_bool(body, "logprobs")
     top = _get_int(body, "top_logprobs", 0)
     if not 0 <= top <= MAX_TOP_LOGPROBS:

@@ -19,7 +19,8 @@ class PromptEncoder:
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def encode_chat(self, messages: Sequence[ChatMessage], template_kwargs: dict[str, object] | None = None) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage],
+                    template_kwargs: dict[str, object] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequestError("this model has no chat template; use /v1/completions", param="messages")
         try:
