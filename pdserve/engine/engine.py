@@ -84,7 +84,7 @@ class Engine:
         if req is None:
             return None
         self.scheduler.abort(rid)
-        return self._output(req)
+        return self.make_output(req)
 
     @property
     def has_work(self) -> bool:
@@ -103,17 +103,17 @@ class Engine:
             for seq in sched.seqs:
                 self.scheduler.finish(seq.req, "abort", error=f"engine error: {type(e).__name__}: {e}")
                 self.requests.pop(seq.req.rid, None)
-                outs.append(self._output(seq.req))
+                outs.append(self.make_output(seq.req))
             return outs
         changed = self.scheduler.update(sched, results)
         outs = []
         for req in changed:
-            outs.append(self._output(req))
+            outs.append(self.make_output(req))
             if req.finished:
                 self.requests.pop(req.rid, None)
         return outs
 
-    def _output(self, req: Request) -> RequestOutput:
+    def make_output(self, req: Request) -> RequestOutput:
         new_ids = req.output_ids[req.num_sent_tokens :]
         req.num_sent_tokens = len(req.output_ids)
         out = RequestOutput(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdserve.disagg.messages import BootstrapInfo
 from pdserve.sampling_params import SamplingParams
 
 
@@ -17,6 +18,7 @@ class GenerateRequest:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no input logprobs; else first prompt position to score
     stream: bool = False
+    bootstrap: BootstrapInfo | None = None  # set on prefill/decode servers (PD disaggregation)
 
 
 @dataclass(frozen=True)

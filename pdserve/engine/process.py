@@ -26,9 +26,7 @@ logger = logging.getLogger(__name__)
 def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Connection, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
-        from pdserve.engine.engine import Engine
-
-        engine = Engine(config, resolved)
+        engine = create_engine(config, resolved)
     except Exception as e:
         logger.exception("engine failed to start")
         conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
@@ -41,11 +39,29 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
         pass  # the front went away
 
 
+def create_engine(config: EngineConfig, resolved: ResolvedModel):
+    """Unified Engine, or a PD side composed around one (same interface: add_request/abort/step/...)."""
+    if config.disaggregation_mode == "prefill":
+        from pdserve.disagg.prefill import PrefillEngine
+
+        return PrefillEngine(config, resolved)
+    if config.disaggregation_mode == "decode":
+        from pdserve.disagg.decode import DecodeEngine
+
+        return DecodeEngine(config, resolved)
+    from pdserve.engine.engine import Engine
+
+    return Engine(config, resolved)
+
+
 def _loop(engine, conn: Connection) -> None:
+    # PD engines also poll their control channel, so they never block on the front alone.
+    idle_timeout = getattr(engine, "idle_poll_s", None)
     while True:
-        block = not engine.has_work
-        while conn.poll(None if block else 0):
-            block = False
+        timeout = 0 if engine.has_work else idle_timeout
+        first = True
+        while conn.poll(timeout if first else 0):
+            first = False
             msg = conn.recv()
             if isinstance(msg, ShutdownRequest):
                 return

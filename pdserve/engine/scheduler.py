@@ -9,6 +9,7 @@ decode that cannot grow preempts the newest running request (its KV is cached, i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig
@@ -118,6 +119,9 @@ class Scheduler:
         self.stop = stop_checker
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Set by the prefill side of PD: takes ownership of a finished request's KV (returns True) so
+        # it can be transferred before the slots are released.
+        self.kv_hold: Callable[[Request], bool] | None = None
         self.step_budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else config.max_prefill_tokens
 
     # ---- queue management -------------------------------------------------------------------------
@@ -141,8 +145,9 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.release(req)
         req.status = RequestStatus.FINISHED
+        if self.kv_hold is None or not self.kv_hold(req):
+            self.kv.release(req)
 
     @property
     def num_used_by_reqs(self) -> int:

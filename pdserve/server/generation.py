@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
+from pdserve.disagg.messages import BootstrapInfo
 from pdserve.engine.messages import GenerateRequest, RequestOutput, TokenLogprob
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.detokenizer import DetokenizeStream
@@ -32,6 +33,7 @@ class GenInput:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     stream: bool = False
+    bootstrap: BootstrapInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class GenerationService:
         req = GenerateRequest(
             rid=inp.rid, input_ids=tuple(inp.input_ids), sampling=inp.sampling, return_logprob=inp.return_logprob,
             top_logprobs_num=inp.top_logprobs_num, logprob_start_len=inp.logprob_start_len, stream=inp.stream,
+            bootstrap=inp.bootstrap,
         )
         engine_stream = self.client.generate(req)
         prompt_tokens, cached, completion, started = len(inp.input_ids), 0, 0, False

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from pdserve.engine.messages import TokenLogprob
 from pdserve.server.errors import EngineError
 from pdserve.server.generation import GenerationService, GenInput, GenResult, collect, merge
-from pdserve.server.protocol import GenerateItem, GenerateReqInput
+from pdserve.server.protocol import GenerateItem, GenerateReqInput, bootstrap_info
 from pdserve.server.streaming import SSE_DONE, json_response, sse_error, sse_event, sse_response, unless_disconnected
 from pdserve.server.tokenization import PromptEncoder
 
@@ -28,6 +28,7 @@ class NativeServing:
             rid=item.rid or self.gen.new_rid(), input_ids=ids, sampling=item.sampling,
             return_logprob=item.return_logprob, top_logprobs_num=item.top_logprobs_num,
             logprob_start_len=item.logprob_start_len, stream=stream,
+            bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room),
         )
 
     async def generate(self, req: GenerateReqInput, request: Request) -> Response:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from pdserve.disagg.messages import BootstrapInfo
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.errors import BadRequestError
 
@@ -220,6 +221,7 @@ class OpenAICommon:
     sampling: SamplingParams  # max_new_tokens is a placeholder until the prompt length is known
     max_tokens: int | None  # None: OpenAI default (completions: 16, chat: the rest of the context)
     rid: str | None
+    bootstrap: BootstrapInfo | None = None  # injected by a PD router
 
 
 def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
@@ -246,7 +248,22 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
     fmt = _get_dict(body, "response_format").get("type", "text")
     if fmt != "text":
         raise BadRequestError(f"response_format {fmt!r} is not supported", param="response_format")
-    return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"))
+    bootstrap = bootstrap_info(_get_str(body, "bootstrap_host"), _get_int(body, "bootstrap_port"),
+                               _get_int(body, "bootstrap_room"))
+    if bootstrap is not None and n > 1:
+        raise BadRequestError("n > 1 is not supported with bootstrap_room (PD disaggregation)", param="n")
+    return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap)
+
+
+def bootstrap_info(host: str | None, port: int | None, room: int | None) -> BootstrapInfo | None:
+    """The PD routing fields of a request, validated (room in [0, 2^63-1])."""
+    if room is None:
+        return None
+    if not 0 <= room <= (1 << 63) - 1:
+        raise BadRequestError(f"bootstrap_room must be in [0, 2^63-1], got {room}", param="bootstrap_room")
+    if port is not None and not 0 < port < 65536:
+        raise BadRequestError(f"bootstrap_port must be in 1..65535, got {port}", param="bootstrap_port")
+    return BootstrapInfo(host, port, room)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,13 @@ async def health_generate(state: ServerState) -> str | None:
     """Run one real token through the engine; None when healthy, else why not."""
     if not state.client.is_alive():
         return "the engine process is not running"
+    if state.config.engine.disaggregation_mode != "null":
+        # A PD half cannot finish a request alone: check that the engine loop answers instead.
+        try:
+            await asyncio.wait_for(state.client.get_load(), HEALTH_GENERATE_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - any failure means unhealthy
+            return f"engine did not answer: {e}"
+        return None
     inp = GenInput(
         rid=f"HEALTH_CHECK_{state.gen.new_rid()}", input_ids=state.encoder.encode_text("Hello") or [0],
         sampling=SamplingParams(max_new_tokens=1, temperature=0.0),

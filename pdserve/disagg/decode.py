@@ -1,0 +1,275 @@
+"""Decode side of PD disaggregation.
+
+Lifecycle of one request on a decode server:
+1. The request arrives with the same body the prefill got (bootstrap_host, bootstrap_port, bootstrap_room)
+   and waits in the prealloc queue (BOOTSTRAPPING).
+2. First contact with a prefill: a worker thread looks up its rank (GET /route on its bootstrap server);
+   this engine then sends PeerRegister (how to write into its KV pool) once, and heartbeats start.
+3. When the KV budget allows (admission counts running, preallocated and incoming KV plus a decode
+   reservation) the prompt's slots and a metadata row are preallocated and KVDestination goes to the
+   prefill (TRANSFERRING).
+4. TransferDone(ok): the metadata row's room is checked (a mismatch fails the request: never decode from
+   foreign or partial KV); the request joins the running batch with num_computed_tokens = prompt length
+   and the first token, without recomputing the prompt, and streams (SUCCESS).
+5. Failures end the request with a clear error and free its slots: TransferDone(ok=False), AbortRoom, no
+   TransferDone within SGLANG_DISAGGREGATION_WAITING_TIMEOUT, or the prefill missing
+   SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE heartbeats in a row. A client abort sends AbortRoom.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pdserve.config import EngineConfig
+from pdserve.disagg.bootstrap import check_health, lookup_rank
+from pdserve.disagg.common import DisaggLink, RoomState, now
+from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
+from pdserve.disagg.transfer import TransferState
+from pdserve.engine.engine import Engine
+from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput, TokenLogprob
+from pdserve.engine.request import Request, RequestStatus
+from pdserve.envs import ENVS
+from pdserve.model.loader import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+RESERVED_DECODE_TOKENS = 32  # per admitted request, kept free so running decodes can grow
+
+
+@dataclass
+class PrefillPeer:
+    key: str  # "host:port" of its bootstrap server
+    host: str
+    port: int
+    lookup: Future | None = None
+    rank: RankInfo | None = None
+    ctrl_addr: str | None = None
+    failures: int = 0
+    dead: str | None = None  # set by the heartbeat thread
+    rooms: set[int] = field(default_factory=set)
+
+
+class DecodeEngine:
+    idle_poll_s = 0.002
+
+    def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
+        self.config = config
+        self.engine = Engine(config, resolved)
+        self.max_total_tokens, self.context_len = self.engine.max_total_tokens, self.engine.context_len
+        self.link = DisaggLink(self.engine, config, "decode", num_meta_rows=4 * config.max_running_requests + 16)
+        self.pool = ThreadPoolExecutor(ENVS.disagg_thread_pool_size, thread_name_prefix="bootstrap")
+        self.peers: dict[str, PrefillPeer] = {}
+        self.prealloc: list[Request] = []  # BOOTSTRAPPING: waiting for peer or memory
+        self.transferring: dict[int, Request] = {}  # room -> request whose KV is on its way
+        self.rooms: dict[int, Request] = {}  # every live PD request not yet running
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+
+    # ---- engine-process interface ----------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work  # PD queues are polled every idle_poll_s by the engine loop
+
+    def add_request(self, g: GenerateRequest) -> None:
+        b = g.bootstrap
+        if b is None or b.host is None:
+            raise ValueError("a decode server needs bootstrap_host and bootstrap_room on every request")
+        if b.room in self.rooms:
+            raise ValueError(f"bootstrap_room {b.room} is already in use by another request")
+        self.engine.add_request(g)
+        req = self.engine.requests[g.rid]
+        self.engine.scheduler.waiting.remove(req)  # joins the running batch once its KV arrived
+        req.input_logprobs_sent = True  # the prefill answers input logprobs
+        key = f"{b.host}:{b.port or self.config.bootstrap_port}"
+        req.disagg = RoomState(b.room, TransferState.BOOTSTRAPPING, now() + ENVS.disagg_waiting_timeout_s, peer=key)
+        self.rooms[b.room] = req
+        self.prealloc.append(req)
+        if key not in self.peers:
+            self._bootstrap_peer(key, b.host, b.port or self.config.bootstrap_port)
+
+    def abort(self, rid: str, reason: str = "aborted by client") -> RequestOutput | None:
+        req = self.engine.requests.get(rid)
+        if req is None:
+            return None
+        st: RoomState = req.disagg
+        if st is not None and st.state is not TransferState.SUCCESS:
+            self._send_peer(st.peer, AbortRoom(st.room, reason))
+            return self._fail(req, reason)
+        self.engine.abort(rid)
+        return self.engine.make_output(req)
+
+    def step(self) -> list[RequestOutput]:
+        outs = self._handle_control()
+        outs += self._check_peers()
+        outs += self._preallocate()
+        outs += self._expire()
+        outs += self.engine.step()
+        return outs
+
+    def load(self) -> LoadReport:
+        r = self.engine.load()
+        from dataclasses import replace
+
+        return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
+                       num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc))
+
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.link.close()
+
+    # ---- peers -----------------------------------------------------------------------------------------
+    def _bootstrap_peer(self, key: str, host: str, port: int) -> None:
+        peer = PrefillPeer(key, host, port)
+        peer.lookup = self.pool.submit(lookup_rank, host, port)
+        self.peers[key] = peer
+
+    def _check_peers(self) -> list[RequestOutput]:
+        outs = []
+        for key, peer in list(self.peers.items()):
+            if peer.lookup is not None and peer.lookup.done():
+                try:
+                    peer.rank = peer.lookup.result()
+                    peer.ctrl_addr = f"tcp://{_bracket(peer.rank.rank_ip)}:{peer.rank.rank_port}"
+                    if peer.rank.backend != self.config.transfer_backend:
+                        raise ValueError(f"prefill uses transfer backend {peer.rank.backend!r}, "
+                                         f"this decode uses {self.config.transfer_backend!r}")
+                    self.link.ctrl.send(peer.ctrl_addr, PeerRegister(self.link.transfer.local_info(), self.link.ctrl.addr))
+                except Exception as e:
+                    peer.dead = f"cannot bootstrap with prefill at {key}: {e}"
+                peer.lookup = None
+            if peer.dead:
+                outs += self._drop_peer(peer)
+        return outs
+
+    def _drop_peer(self, peer: PrefillPeer) -> list[RequestOutput]:
+        """Fail every request bound to a dead (or unreachable) prefill; forget it so a restart re-bootstraps."""
+        logger.warning("%s", peer.dead)
+        del self.peers[peer.key]
+        if peer.ctrl_addr:
+            self.link.ctrl.forget(peer.ctrl_addr)
+        return [self._fail(req, peer.dead) for req in list(self.rooms.values()) if req.disagg.peer == peer.key]
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(ENVS.disagg_heartbeat_interval_s):
+            for peer in list(self.peers.values()):
+                if peer.rank is None or peer.dead:
+                    continue
+                if check_health(peer.host, peer.port, timeout=min(2.0, ENVS.disagg_heartbeat_interval_s)):
+                    peer.failures = 0
+                    continue
+                peer.failures += 1
+                if peer.failures >= ENVS.disagg_heartbeat_max_failure:
+                    peer.dead = (f"prefill server at {peer.key} is unreachable "
+                                 f"({peer.failures} failed heartbeats)")
+
+    def _send_peer(self, key: str | None, msg: object) -> None:
+        peer = self.peers.get(key or "")
+        if peer is not None and peer.ctrl_addr:
+            self.link.ctrl.send(peer.ctrl_addr, msg)
+
+    # ---- queues ----------------------------------------------------------------------------------------
+    def _preallocate(self) -> list[RequestOutput]:
+        kv = self.engine.scheduler.kv
+        sched = self.engine.scheduler
+        for req in list(self.prealloc):
+            st: RoomState = req.disagg
+            peer = self.peers.get(st.peer)
+            if peer is None or peer.rank is None:
+                continue
+            n = len(req.prompt_ids)
+            busy = len(sched.running) + len(self.transferring)
+            if len(sched.running) + len(self.transferring) >= self.config.max_running_requests:
+                break
+            if kv.num_available < n + RESERVED_DECODE_TOKENS * (busy + 1):
+                break
+            row = self.link.meta.alloc()
+            if row is None or not kv.grow(req, n):
+                if row is not None:
+                    self.link.meta.free(row)
+                break
+            st.dst_slots, st.meta_row = tuple(req.slots), row
+            st.state = TransferState.TRANSFERRING
+            self.prealloc.remove(req)
+            self.transferring[st.room] = req
+            self.link.ctrl.send(peer.ctrl_addr, KVDestination(st.room, self.link.agent_name, st.dst_slots, row, n))
+        return []
+
+    def _handle_control(self) -> list[RequestOutput]:
+        outs = []
+        for msg in self.link.ctrl.recv_all():
+            if isinstance(msg, TransferDone):
+                req = self.transferring.get(msg.room)
+                if req is None:
+                    continue
+                if not msg.ok:
+                    outs.append(self._fail(req, msg.error or "prefill reported a failed transfer"))
+                else:
+                    out = self._join(req, msg)
+                    if out is not None:
+                        outs.append(out)
+            elif isinstance(msg, AbortRoom):
+                req = self.rooms.get(msg.room)
+                if req is not None:
+                    outs.append(self._fail(req, msg.reason))
+        return outs
+
+    def _join(self, req: Request, done: TransferDone) -> RequestOutput | None:
+        st: RoomState = req.disagg
+        meta = self.link.meta
+        if done.meta_bytes is not None:
+            meta.set_row_bytes(st.meta_row, done.meta_bytes)
+        row = meta.read(st.meta_row)
+        if row is None or row.room != st.room:
+            found = "no metadata" if row is None else f"room {row.room}"
+            return self._fail(req, f"metadata check failed for room {st.room} ({found}): refusing foreign KV")
+        del self.transferring[st.room]
+        del self.rooms[st.room]
+        meta.free(st.meta_row)
+        st.meta_row = None
+        st.state = TransferState.SUCCESS
+        req.num_computed_tokens = len(req.prompt_ids)
+        req.num_cached_tokens = row.cached_tokens
+        req.output_ids.append(row.first_token)
+        if req.return_logprob:
+            req.pending_logprobs.append(TokenLogprob(row.first_token, row.logprob, row.top[: req.top_logprobs_num]))
+        req.status = RequestStatus.RUNNING
+        sched = self.engine.scheduler
+        sched.running.append(req)
+        sched.stop.check(req)
+        if req.finish_reason is not None:
+            sched.finish(req, req.finish_reason)
+            self.engine.requests.pop(req.rid, None)
+        return self.engine.make_output(req)
+
+    def _expire(self) -> list[RequestOutput]:
+        t = now()
+        return [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
+                                f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+                for req in list(self.rooms.values()) if t >= req.disagg.deadline]
+
+    def _fail(self, req: Request, reason: str) -> RequestOutput:
+        st: RoomState = req.disagg
+        if st.state is not TransferState.SUCCESS:
+            st.state = TransferState.FAILED
+            self.rooms.pop(st.room, None)
+            self.transferring.pop(st.room, None)
+            if req in self.prealloc:
+                self.prealloc.remove(req)
+            if st.meta_row is not None:
+                self.link.meta.free(st.meta_row)
+                st.meta_row = None
+            peer = self.peers.get(st.peer or "")
+            if peer is not None:
+                peer.rooms.discard(st.room)
+        return self.link.fail(req, reason)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

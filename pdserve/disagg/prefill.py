@@ -1,0 +1,255 @@
+"""Prefill side of PD disaggregation.
+
+Lifecycle of one request on a prefill server:
+1. The bootstrap server (beside this engine, default port 8998) holds this rank's control address; decode
+   servers look it up (GET /route) and send PeerRegister once per peer: how to write into their memory.
+2. The request arrives with a bootstrap_room; max_new_tokens is forced to 1 and it waits in the bootstrap
+   queue (BOOTSTRAPPING) until the decode's KVDestination for the room arrives (destination slots and a
+   metadata row). No destination within SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT: FAILED, clear error.
+3. With its destination known (WAITING_FOR_INPUT) it enters the scheduler, which prefills it (in chunks
+   when long) and samples the first token. The scheduler hands the finished request's KV to this side
+   instead of freeing it.
+4. The KV slots and then the metadata row (first token, its logprobs, cached tokens, room) are written into
+   the decode's memory through the transfer engine (TRANSFERRING), polled every step.
+5. SUCCESS or FAILED: TransferDone goes to the decode, the KV slots are released (into the prefix cache)
+   and the one-token HTTP answer is emitted (with the error on failure).
+Abort (client disconnect, /abort_request, AbortRoom from the decode) is honoured in every state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pdserve.config import EngineConfig
+from pdserve.disagg.bootstrap import BootstrapServer, register_rank
+from pdserve.disagg.common import DisaggLink, RoomState, now
+from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
+from pdserve.disagg.metadata import MetaRow
+from pdserve.disagg.transfer import TransferState, WriteRun, kv_write_runs
+from pdserve.engine.engine import Engine
+from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
+from pdserve.engine.request import Request
+from pdserve.envs import ENVS
+from pdserve.model.loader import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillEngine:
+    idle_poll_s = 0.002
+
+    def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
+        self.engine = Engine(config, resolved)
+        self.max_total_tokens, self.context_len = self.engine.max_total_tokens, self.engine.context_len
+        self.link = DisaggLink(self.engine, config, "prefill", num_meta_rows=4 * config.max_running_requests + 16)
+        self.engine.scheduler.kv_hold = self._start_transfer
+        self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
+        self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
+        self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
+        self.peers: dict[str, str] = {}  # decode agent name -> its control address
+        self.room_rid: dict[int, str] = {}  # every live PD request
+        self.bootstrap = BootstrapServer(config.host, config.bootstrap_port).start()
+        self.server_id = f"{os.getpid()}-{self.link.agent_name}"
+        register_rank(config.host, config.bootstrap_port, RankInfo(
+            engine_rank=0, rank_ip=config.host, rank_port=self.link.ctrl.port, backend=config.transfer_backend,
+            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id))
+
+    # ---- engine-process interface ----------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return self.engine.has_work  # PD queues are polled every idle_poll_s by the engine loop
+
+    def add_request(self, g: GenerateRequest) -> None:
+        if g.bootstrap is None:
+            raise ValueError("a prefill server needs bootstrap_room (and bootstrap_host/port) on every request")
+        room = g.bootstrap.room
+        if room in self.room_rid:
+            raise ValueError(f"bootstrap_room {room} is already in use by another request")
+        from dataclasses import replace
+
+        g = replace(g, sampling=g.sampling.with_max_new_tokens(1))
+        self.engine.add_request(g)
+        req = self.engine.requests[g.rid]
+        self.engine.scheduler.waiting.remove(req)  # enters the scheduler once its destination is known
+        req.disagg = RoomState(room, TransferState.BOOTSTRAPPING, now() + ENVS.disagg_bootstrap_timeout_s)
+        self.bootstrapping[room] = req
+        self.room_rid[room] = g.rid
+        if room in self.destinations:
+            self._attach(req, self.destinations.pop(room)[0])
+
+    def abort(self, rid: str, reason: str = "aborted") -> RequestOutput | None:
+        req = self.engine.requests.get(rid) or self.transferring.get(rid)
+        if req is None:
+            return None
+        st: RoomState = req.disagg
+        if st.state is TransferState.TRANSFERRING:  # cannot free slots the backend is reading: finish later
+            st.aborted = reason
+            return None
+        self.bootstrapping.pop(st.room, None)
+        self._notify(st, TransferDone(st.room, ok=False, error=f"prefill aborted the request: {reason}"))
+        return self._finish_room(req, reason, fail=True)
+
+    def step(self) -> list[RequestOutput]:
+        outs = self._handle_control()
+        outs += self._expire_bootstrapping()
+        for o in self.engine.step():
+            req = self.transferring.get(o.rid)
+            if req is not None:
+                req.disagg.held_output = o  # emitted when the transfer ends
+            else:
+                if o.finish_reason is not None:
+                    self._forget_rid(o.rid)
+                outs.append(o)
+        outs += self._poll_transfers()
+        return outs
+
+    def load(self) -> LoadReport:
+        return self.engine.load()
+
+    def flush_cache(self) -> bool:
+        return self.engine.flush_cache()
+
+    def close(self) -> None:
+        self.bootstrap.stop()
+        self.link.close()
+
+    # ---- control messages ----------------------------------------------------------------------------
+    def _handle_control(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        for msg in self.link.ctrl.recv_all():
+            if isinstance(msg, PeerRegister):
+                self.link.transfer.add_peer(msg.agent)
+                self.peers[msg.agent.agent_name] = msg.ctrl_addr
+            elif isinstance(msg, KVDestination):
+                req = self.bootstrapping.get(msg.room)
+                if req is None:
+                    self.destinations[msg.room] = (msg, now())
+                else:
+                    self._attach(req, msg)
+            elif isinstance(msg, AbortRoom):
+                self.destinations.pop(msg.room, None)
+                rid = self.room_rid.get(msg.room)
+                out = self.abort(rid, f"decode aborted: {msg.reason}") if rid else None
+                if out is not None:
+                    outs.append(out)
+        return outs
+
+    def _attach(self, req: Request, dest: KVDestination) -> None:
+        st: RoomState = req.disagg
+        self.bootstrapping.pop(st.room, None)
+        err = None
+        if dest.decode_agent not in self.peers:
+            err = "decode peer is not registered with this prefill"
+        elif dest.prompt_len != len(req.prompt_ids):
+            err = f"prompt length mismatch (prefill {len(req.prompt_ids)} tokens, decode {dest.prompt_len})"
+        if err:  # failed by this step's expiry pass
+            st.peer = dest.decode_agent
+            self._notify(st, TransferDone(st.room, ok=False, error=err))
+            st.extra["fail_now"], st.deadline = err, 0.0
+            self.bootstrapping[st.room] = req
+            return
+        st.peer, st.dst_slots, st.meta_row = dest.decode_agent, dest.dst_slots, dest.meta_row
+        st.state = TransferState.WAITING_FOR_INPUT
+        self.engine.scheduler.add(req)
+
+    def _expire_bootstrapping(self) -> list[RequestOutput]:
+        outs = []
+        t = now()
+        for room, req in list(self.bootstrapping.items()):
+            st: RoomState = req.disagg
+            if t >= st.deadline:
+                reason = st.extra.get("fail_now") or (
+                    f"bootstrap timeout: no decode server claimed room {room} within "
+                    f"{ENVS.disagg_bootstrap_timeout_s:.0f} s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
+                del self.bootstrapping[room]
+                outs.append(self._finish_room(req, reason, fail=True))
+        for room, (_, t0) in list(self.destinations.items()):
+            if t - t0 > ENVS.disagg_bootstrap_timeout_s:
+                del self.destinations[room]
+        return outs
+
+    # ---- transfer --------------------------------------------------------------------------------------
+    def _start_transfer(self, req: Request) -> bool:
+        """Scheduler hook on finish: keep the KV of a completed prefill and start writing it to the decode."""
+        st: RoomState | None = req.disagg
+        if st is None or req.finish_reason == "abort" or st.state is not TransferState.WAITING_FOR_INPUT:
+            return False
+        n = len(req.prompt_ids)
+        if req.num_computed_tokens < n or len(st.dst_slots) != n:
+            return False
+        row = self.link.meta.alloc()
+        if row is None:
+            return self._refuse(req, "no free metadata row on the prefill")
+        lp = req.pending_logprobs[0] if req.pending_logprobs else None
+        self.link.meta.write(row, MetaRow(st.room, req.output_ids[0], req.num_cached_tokens,
+                                          lp.logprob if lp else 0.0, lp.top if lp else []))
+        st.extra["local_row"] = row
+        runs = kv_write_runs(self.link.transfer.regions, range(self.link.num_kv_regions), req.slots[:n], list(st.dst_slots))
+        mr = self.link.meta_region
+        rb = self.link.meta.row_bytes
+        runs.append(WriteRun(mr, row * rb, st.meta_row * rb, rb))
+        try:
+            st.handle = self.link.transfer.write(st.peer, runs)
+            st.state = TransferState.TRANSFERRING
+        except Exception as e:  # backend refused: fail the room, release normally
+            logger.exception("transfer start failed")
+            self.link.meta.free(row)
+            return self._refuse(req, f"KV transfer failed to start: {e}")
+        self.transferring[req.rid] = req
+        return True
+
+    def _poll_transfers(self) -> list[RequestOutput]:
+        outs = []
+        for rid, req in list(self.transferring.items()):
+            st: RoomState = req.disagg
+            state = self.link.transfer.poll(st.handle)
+            if state is TransferState.TRANSFERRING:
+                continue
+            self.link.transfer.release(st.handle)
+            del self.transferring[rid]
+            row = st.extra.pop("local_row")
+            if state is TransferState.SUCCESS and not st.aborted:
+                st.state = TransferState.SUCCESS
+                meta = None if self.link.moves_data else self.link.meta.row_view(row)
+                self._notify(st, TransferDone(st.room, ok=True, meta_bytes=meta))
+                self.link.meta.free(row)
+                self.engine.scheduler.kv.release(req)
+                self.room_rid.pop(st.room, None)
+                outs.append(st.held_output or self.engine.make_output(req))
+            else:
+                self.link.meta.free(row)
+                reason = st.aborted or "KV transfer to the decode server failed"
+                self._notify(st, TransferDone(st.room, ok=False, error=reason))
+                self.engine.scheduler.kv.release(req)
+                outs.append(self._finish_room(req, reason, fail=True))
+        return outs
+
+    def _refuse(self, req: Request, reason: str) -> bool:
+        """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""
+        st: RoomState = req.disagg
+        st.state = TransferState.FAILED
+        self._notify(st, TransferDone(st.room, ok=False, error=reason))
+        req.finish_reason, req.error = "abort", reason
+        return False
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _notify(self, st: RoomState, msg: object) -> None:
+        addr = self.peers.get(st.peer or "")
+        if addr:
+            self.link.ctrl.send(addr, msg)
+
+    def _finish_room(self, req: Request, reason: str, fail: bool) -> RequestOutput:
+        st: RoomState = req.disagg
+        st.state = TransferState.FAILED
+        self.room_rid.pop(st.room, None)
+        if st.held_output is not None:
+            out = st.held_output
+            out.finish_reason, out.error = "abort", reason
+            return out
+        return self.link.fail(req, reason)
+
+    def _forget_rid(self, rid: str) -> None:
+        for room, r in list(self.room_rid.items()):
+            if r == rid:
+                del self.room_rid[room]
