@@ -44,15 +44,17 @@ def free_port() -> int:
 
 
 def start_server(args: Sequence[str] = (), api_key: str | None = None,
-                 timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:
+                 timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None,
+                 port: int | None = None) -> ServerProcess:
     """Start `python -m pdserve.launch_server` in its own process group; return once /health_generate is 200."""
-    port = free_port()
+    port = port or free_port()
     fd, log_path = tempfile.mkstemp(prefix="pdserve-test-", suffix=".log")
     cmd = [sys.executable, "-m", "pdserve.launch_server", "--host", "127.0.0.1", "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
     with os.fdopen(fd, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -113,7 +113,8 @@ class EngineClient:
 
     def validate(self, req: GenerateRequest) -> GenerateRequest:
         """Raise ValueError for a request that can never run (checked before anything is queued)."""
-        return validate_request(req, self.ready.context_len, self.ready.max_total_tokens)
+        return validate_request(req, self.ready.context_len, self.ready.max_total_tokens,
+                                self.config.disaggregation_mode)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         req = self.validate(req)
@@ -129,6 +130,8 @@ class EngineClient:
             while True:
                 out = await q.get()
                 finished = out.finish_reason is not None
+                if out.rejected:
+                    raise ValueError(out.error)
                 yield out
                 if finished:
                     return

@@ -37,8 +37,13 @@ def eos_token_ids_of(hf_dir: str, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: int) -> GenerateRequest:
+def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: int,
+                     disaggregation_mode: str = "null") -> GenerateRequest:
     """Reject what can never run; clip max_new_tokens to the context. Raises ValueError."""
+    if disaggregation_mode != "null" and (req.bootstrap is None or (disaggregation_mode == "decode"
+                                                                    and req.bootstrap.host is None)):
+        raise ValueError(f"a {disaggregation_mode} server needs bootstrap_host, bootstrap_port and bootstrap_room "
+                         "on every request (send requests through a PD router)")
     n = len(req.input_ids)
     if n == 0:
         raise ValueError("the prompt is empty")
@@ -74,7 +79,7 @@ class Engine:
     def add_request(self, g: GenerateRequest) -> None:
         if g.rid in self.requests:
             raise ValueError(f"duplicate request id {g.rid!r}")
-        g = validate_request(g, self.context_len, self.max_total_tokens)
+        g = validate_request(g, self.context_len, self.max_total_tokens, self.config.disaggregation_mode)
         req = Request(g.rid, list(g.input_ids), g.sampling, g.return_logprob, g.top_logprobs_num, g.logprob_start_len)
         self.requests[g.rid] = req
         self.scheduler.add(req)

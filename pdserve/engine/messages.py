@@ -63,6 +63,7 @@ class RequestOutput:
     cached_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # set with finish_reason="abort" when the engine failed the request
+    rejected: bool = False  # the engine refused the request as invalid (a client error, nothing ran)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,8 @@ def _handle(engine, msg):
         try:
             engine.add_request(msg)
         except ValueError as e:
-            return [RequestOutput(msg.rid, [], finish_reason="abort", error=str(e), prompt_tokens=len(msg.input_ids))]
+            return [RequestOutput(msg.rid, [], finish_reason="abort", error=str(e), prompt_tokens=len(msg.input_ids),
+                                  rejected=True)]
         return None
     if isinstance(msg, AbortRequest):
         out = engine.abort(msg.rid)

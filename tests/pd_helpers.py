@@ -1,0 +1,63 @@
+"""PD deployments for tests: real prefill and decode servers, and a tiny client that acts as the router."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+from dataclasses import dataclass, field
+
+import httpx
+
+from tests.conftest import ServerProcess, free_port, start_server, stop_server
+
+FAST_HEARTBEAT = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.5", "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2"}
+
+
+@dataclass
+class Prefill:
+    server: ServerProcess
+    bootstrap_port: int
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def start_prefill(backend: str, extra: list[str] = (), env: dict | None = None, port: int | None = None,
+                  bootstrap_port: int | None = None) -> Prefill:
+    bp = bootstrap_port or free_port()
+    args = ["--num-threads", "1", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", backend,
+            "--disaggregation-bootstrap-port", str(bp), "--max-total-tokens", "8192", *extra]
+    return Prefill(start_server(args, env=env, port=port), bp, args, dict(env or {}))
+
+
+def start_decode(backend: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+    args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
+            "--max-total-tokens", "8192", *extra]
+    return start_server(args, env={**FAST_HEARTBEAT, **(env or {})})
+
+
+def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:
+    return {**body, "bootstrap_host": "127.0.0.1", "bootstrap_port": prefill.bootstrap_port,
+            "bootstrap_room": room if room is not None else random.getrandbits(63)}
+
+
+def pd_post(prefill: Prefill, decode: ServerProcess, path: str, body: dict, room: int | None = None,
+            timeout: float = 120) -> tuple[httpx.Response, httpx.Response]:
+    """Send the same body to both servers at once, as a PD router does. Returns (prefill, decode) responses."""
+    b = with_bootstrap(body, prefill, room)
+    with cf.ThreadPoolExecutor(2) as ex:
+        fp = ex.submit(httpx.post, prefill.server.base_url + path, json=b, timeout=timeout)
+        fd = ex.submit(httpx.post, decode.base_url + path, json=b, timeout=timeout)
+        return fp.result(), fd.result()
+
+
+def load(server: ServerProcess) -> dict:
+    return httpx.get(server.base_url + "/get_load", timeout=30).json()[0]
+
+
+def flush(server: ServerProcess) -> None:
+    httpx.post(server.base_url + "/flush_cache", timeout=30)
+
+
+def stop_all(*servers) -> None:
+    for s in servers:
+        stop_server(s.server if isinstance(s, Prefill) else s)
