@@ -1,0 +1,95 @@
+"""PD failure handling: aborts cross sides, a killed prefill, timeouts. Every case frees KV on both sides."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import stop_server
+from tests.pd_helpers import Prefill, load, pd_post, start_decode, start_prefill, stop_all, with_bootstrap
+from tests.test_pd import wait_idle_and_free
+
+BACKEND = os.environ.get("PDSERVE_TEST_FAILURE_BACKEND", "nixl")
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 250  # ~2.5k tokens: seconds of prefill
+
+
+@pytest.fixture(scope="module")
+def pd():
+    prefill = start_prefill(BACKEND, env={"SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT": "2"})
+    decode = start_decode(BACKEND, env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": "4"})
+    state = {"prefill": prefill, "decode": decode}
+    yield state
+    stop_all(state["prefill"], state["decode"])
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> httpx.Response:
+    return httpx.post(url, json=body, timeout=timeout)
+
+
+def test_bootstrap_timeout(pd):
+    prefill: Prefill = pd["prefill"]
+    t0 = time.monotonic()
+    r = _post(prefill.server.base_url + "/generate", with_bootstrap({"text": "hello", "sampling_params": {}}, prefill))
+    assert r.status_code == 500 and "bootstrap timeout" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 15
+    wait_idle_and_free(prefill.server)
+
+
+def test_waiting_timeout(pd):
+    prefill, decode = pd["prefill"], pd["decode"]
+    t0 = time.monotonic()
+    r = _post(decode.base_url + "/generate", with_bootstrap({"text": "hello", "sampling_params": {}}, prefill))
+    assert r.status_code == 500 and "waiting timeout" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 20
+    wait_idle_and_free(prefill.server, decode)
+
+
+@pytest.mark.parametrize("side", ["decode", "prefill"])
+def test_abort_reaches_the_other_side(pd, side):
+    prefill, decode = pd["prefill"], pd["decode"]
+    body = with_bootstrap({"text": LONG_PROMPT, "sampling_params": {"max_new_tokens": 8}, "rid": f"abort-{side}"},
+                          prefill)
+    with cf.ThreadPoolExecutor(2) as ex:
+        fp = ex.submit(_post, prefill.server.base_url + "/generate", body)
+        fd = ex.submit(_post, decode.base_url + "/generate", body)
+        time.sleep(1.5)  # the prefill is computing the long prompt now
+        target = decode if side == "decode" else prefill.server
+        httpx.post(target.base_url + "/abort_request", json={"rid": body["rid"]}, timeout=30)
+        rp, rd = fp.result(), fd.result()
+    # Both halves end in an error, neither waits for a timeout.
+    assert rp.status_code == 500 and rd.status_code == 500, (rp.text, rd.text)
+    assert "abort" in rp.json()["error"]["message"] and "abort" in rd.json()["error"]["message"]
+    wait_idle_and_free(prefill.server, decode)
+
+
+def test_prefill_killed_then_restarted(pd):
+    prefill, decode = pd["prefill"], pd["decode"]
+    body = {"text": LONG_PROMPT, "sampling_params": {"max_new_tokens": 8}}
+    with cf.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(_post, decode.base_url + "/generate", with_bootstrap(body, prefill)) for _ in range(2)]
+        futs += [ex.submit(_post, prefill.server.base_url + "/generate", with_bootstrap(body, prefill))]
+        time.sleep(2.0)
+        t_kill = time.monotonic()
+        os.killpg(prefill.server.proc.pid, signal.SIGKILL)
+        for f in futs[:2]:
+            r = f.result()
+            assert r.status_code == 500 and "unreachable" in r.json()["error"]["message"], r.text
+        detected = time.monotonic() - t_kill
+    assert detected < 0.5 * 2 + 8, detected  # interval x max_failure + slack
+    prefill.server.proc.wait(timeout=10)
+    wait_idle_and_free(decode)
+    # A prefill restarted on the same address is served again without restarting the decode.
+    port = int(prefill.server.base_url.rsplit(":", 1)[1])
+    new = start_prefill(BACKEND, env=prefill.env, port=port, bootstrap_port=prefill.bootstrap_port)
+    pd["prefill"] = new
+    rp, rd = pd_post(new, decode, "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 4,
+                                                                                      "temperature": 0}})
+    assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
+    assert rd.json()["meta_info"]["completion_tokens"] == 4
+    wait_idle_and_free(new.server, decode)
+    assert load(decode)["num_reqs"] == 0
