@@ -1,0 +1,231 @@
+"""`pdserve up`: a router, N prefill and M decode servers on this machine, started, watched and stopped as one.
+
+Each server gets free ports on the host, its own log file and its own CPU cores (prefill and decode on
+separate cores by default). Ctrl-C or SIGTERM stops every child; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    url: str
+    ready_path: str
+    log_path: str
+    cpus: list[int] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    ready: bool = False
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def split_cpus(cpus: list[int], num_prefill: int, num_decode: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Give prefill servers the first half of the cores and decode servers the second (shared if too few)."""
+    n = len(cpus)
+    if n == 1:
+        return [cpus] * num_prefill, [cpus] * num_decode
+    half = max(1, n // 2)
+    pre, dec = cpus[:half], cpus[half:]
+
+    def share(pool: list[int], k: int) -> list[list[int]]:
+        if k <= len(pool):
+            per = len(pool) // k
+            return [pool[i * per:(i + 1) * per] for i in range(k)]
+        return [[pool[i % len(pool)]] for i in range(k)]
+
+    return share(pre, num_prefill), share(dec, num_decode)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
+    py = sys.executable
+    common = ["--host", args.host, "--max-total-tokens", str(args.max_total_tokens)]
+    if args.model_path:
+        common += ["--model-path", args.model_path]
+    cpus = sorted(os.sched_getaffinity(0))
+    children: list[Child] = []
+
+    def server(name: str, extra: list[str], cpu: list[int]) -> Child:
+        port = free_port(args.host)
+        cmd = [py, "-m", "pdserve.launch_server", "--port", str(port), "--num-threads", str(len(cpu)), *common, *extra]
+        return Child(name, cmd, _url(args.host, port), "/health_generate", os.path.join(log_dir, f"{name}.log"), cpu)
+
+    if args.unified:
+        children.append(server("unified-0", ["--chunked-prefill-size", str(args.chunked_prefill_size)], cpus))
+        router_flags = ["--worker-urls", children[0].url]
+    else:
+        pre_cpus, dec_cpus = split_cpus(cpus, args.prefill, args.decode)
+        router_flags = ["--pd-disaggregation"]
+        for i in range(args.prefill):
+            bp = free_port(args.host)
+            c = server(f"prefill-{i}", ["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
+                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i])
+            children.append(c)
+            router_flags += ["--prefill", c.url, str(bp)]
+        for i in range(args.decode):
+            c = server(f"decode-{i}", ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend",
+                                       args.transfer_backend], dec_cpus[i])
+            children.append(c)
+            router_flags += ["--decode", c.url]
+    router_cmd = [py, "-m", "pdserve.launch_router", *router_flags, "--host", args.host, "--port", str(args.port)]
+    if args.policy:
+        router_cmd += ["--policy", args.policy]
+    children.append(Child("router", router_cmd, _url(args.host, args.port), "/readiness",
+                          os.path.join(log_dir, "router.log")))
+    return children
+
+
+class Deployment:
+    def __init__(self, children: list[Child]):
+        self.children = children
+        self._stopping = False
+
+    def start(self) -> None:
+        for c in self.children:
+            log = open(c.log_path, "w")
+            cpus = set(c.cpus)
+            preexec = (lambda cpus=cpus: os.sched_setaffinity(0, cpus)) if cpus else None
+            c.proc = subprocess.Popen(c.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=preexec)
+            log.close()
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc is not None and c.proc.poll() is not None), None)
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        t0 = time.monotonic()
+        while not all(c.ready for c in self.children):
+            dead = self.dead_child()
+            if dead is not None:
+                raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}; log tail:\n{_tail(dead.log_path)}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"not ready after {timeout:.0f} s: "
+                                   + ", ".join(c.name for c in self.children if not c.ready))
+            for c in self.children:
+                if not c.ready:
+                    c.ready = _http_ok(c.url + c.ready_path)
+            status = "  ".join(f"{c.name}:{'ready' if c.ready else 'loading'}" for c in self.children)
+            print(f"\r[{time.monotonic() - t0:5.0f} s] {status}", end="", flush=True)
+            time.sleep(0.5)
+        print()
+
+    def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        for c in reversed(self.children):  # router first, then servers
+            _signal_group(c, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for c in self.children:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(c, signal.SIGKILL)
+            c.proc.wait()
+
+
+def _signal_group(c: Child, sig: int) -> None:
+    if c.proc is not None:
+        try:
+            os.killpg(c.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _tail(path: str, n: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-path", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
+    p.add_argument("--decode", type=int, default=1, help="number of decode servers")
+    p.add_argument("--transfer-backend", default="nixl", choices=["nixl", "mooncake", "fake"])
+    p.add_argument("--unified", action="store_true", help="one unified server behind the router instead of PD")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="the router's port (the endpoint)")
+    p.add_argument("--policy", default=None, help="router policy (random, round_robin, power_of_two, cache_aware)")
+    p.add_argument("--max-total-tokens", type=int, default=16384)
+    p.add_argument("--chunked-prefill-size", type=int, default=512, help="unified server only")
+    p.add_argument("--log-dir", default=None, help="default: ./logs/up-<time>")
+
+
+def run_up(args: argparse.Namespace) -> int:
+    if args.prefill < 1 or args.decode < 1:
+        raise SystemExit("--prefill and --decode must be >= 1")
+    log_dir = args.log_dir or os.path.join("logs", time.strftime("up-%Y%m%d-%H%M%S"))
+    os.makedirs(log_dir, exist_ok=True)
+    dep = Deployment(plan(args, log_dir))
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        dep.start()
+        print(f"pdserve up: logs in {log_dir}/ (one per process)")
+        for c in dep.children:
+            cpu = f" cpus={c.cpus}" if c.cpus else ""
+            print(f"  {c.name:<10} {c.url}{cpu}")
+        dep.wait_ready()
+        router = dep.children[-1]
+        print(f"\nReady. OpenAI-compatible endpoint: {router.url}/v1\n\nTry:\n"
+              f"  curl {router.url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello! Who are you?\"}}], "
+              f"\"max_tokens\": 64}}'\n\nCtrl-C stops everything.", flush=True)
+        while True:
+            dead = dep.dead_child()
+            if dead is not None:
+                print(f"\n{dead.name} exited with code {dead.proc.returncode}; stopping. Log tail:\n{_tail(dead.log_path)}")
+                code = 1
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+    except RuntimeError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        dep.stop()
+    print("all processes stopped.")
+    return code
