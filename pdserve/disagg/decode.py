@@ -53,7 +53,6 @@ class PrefillPeer:
 
 
 class DecodeEngine:
-    idle_poll_s = 0.002
 
     def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
         self.config = config
@@ -71,7 +70,16 @@ class DecodeEngine:
     # ---- engine-process interface ----------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return self.engine.has_work  # PD queues are polled every idle_poll_s by the engine loop
+        return self.engine.has_work  # PD queues are polled every idle_wait_s by the engine loop
+
+    @property
+    def control_socket(self):
+        return self.link.ctrl.pull
+
+    @property
+    def idle_wait_s(self) -> float:
+        """How long the idle engine loop may sleep: short while KV is in flight, else until a deadline."""
+        return 0.005 if self.prealloc else 0.05  # TransferDone wakes the loop through the control socket
 
     def add_request(self, g: GenerateRequest) -> None:
         b = g.bootstrap

@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillEngine:
-    idle_poll_s = 0.002
 
     def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
         self.engine = Engine(config, resolved)
@@ -58,7 +57,16 @@ class PrefillEngine:
     # ---- engine-process interface ----------------------------------------------------------------------
     @property
     def has_work(self) -> bool:
-        return self.engine.has_work  # PD queues are polled every idle_poll_s by the engine loop
+        return self.engine.has_work  # PD queues are polled every idle_wait_s by the engine loop
+
+    @property
+    def control_socket(self):
+        return self.link.ctrl.pull
+
+    @property
+    def idle_wait_s(self) -> float:
+        """How long the idle engine loop may sleep: short while KV is in flight, else until a deadline."""
+        return 0.0005 if self.transferring else 0.05
 
     def add_request(self, g: GenerateRequest) -> None:
         if g.bootstrap is None:

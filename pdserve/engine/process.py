@@ -55,13 +55,21 @@ def create_engine(config: EngineConfig, resolved: ResolvedModel):
 
 
 def _loop(engine, conn: Connection) -> None:
-    # PD engines also poll their control channel, so they never block on the front alone.
-    idle_timeout = getattr(engine, "idle_poll_s", None)
+    # PD engines also wait on their control socket and wake up for deadlines and in-flight transfers.
+    poller = None
+    if hasattr(engine, "control_socket"):
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(conn.fileno(), zmq.POLLIN)
+        poller.register(engine.control_socket, zmq.POLLIN)
     while True:
-        timeout = 0 if engine.has_work else idle_timeout
-        first = True
-        while conn.poll(timeout if first else 0):
-            first = False
+        if not engine.has_work:
+            if poller is None:
+                conn.poll(None)
+            else:
+                poller.poll(engine.idle_wait_s * 1000)
+        while conn.poll(0):
             msg = conn.recv()
             if isinstance(msg, ShutdownRequest):
                 return
