@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from pdserve import __version__
+from pdserve.bench.args import add_bench_args
+from pdserve.router import args as router_args
 from pdserve.server.args import add_serve_args, parse_config
 
 
@@ -44,6 +46,19 @@ def _cmd_up(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return run_up(args)
 
 
+def _cmd_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pdserve.bench.command import run_bench_command
+
+    return run_bench_command(parser, args)
+
+
+def _cmd_route(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = router_args.parse_config(parser, args)
+    from pdserve.router.runner import run_router
+
+    return run_router(config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with prefill/decode disaggregation.")
     parser.add_argument("--version", action="version", version=f"pdserve {__version__}")
@@ -51,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP server (OpenAI and SGLang-native APIs)")
     add_serve_args(serve)
     serve.set_defaults(handler=_cmd_serve, subparser=serve)
+    route = sub.add_parser("route", help="run the router in front of prefill/decode (or unified) servers")
+    router_args.add_router_args(route)
+    route.set_defaults(handler=_cmd_route, subparser=route)
     gen = sub.add_parser("generate", help="offline generation in this process (no server)")
     gen.add_argument("--prompt", action="append", required=True, help="may repeat: prompts run batched")
     gen.add_argument("--model-path", default=None)
@@ -67,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a local PD deployment: router + prefill + decode servers")
     add_up_args(up)
     up.set_defaults(handler=_cmd_up, subparser=up)
+    bench = sub.add_parser("bench", help="benchmark an OpenAI-compatible endpoint (TTFT, ITL, throughput)")
+    add_bench_args(bench)
+    bench.set_defaults(handler=_cmd_bench, subparser=bench)
     return parser
 
 

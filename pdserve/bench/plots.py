@@ -1,0 +1,107 @@
+"""PNG charts of one or several results (matplotlib, Agg backend: no display needed).
+
+ttft.png          TTFT histogram and CDF
+itl.png           ITL histogram (log counts) and CDF
+itl_timeline.png  every inter-token gap at the wall time it ended (x: seconds since the run's start, y: gap
+                  in ms), one panel per result; prefill stalls show as spikes. interference marks each long
+                  prompt's arrival (dashed line) and its time to first token (shaded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pdserve.bench.runner import BenchResult  # noqa: E402
+
+FILES = ("ttft.png", "itl.png", "itl_timeline.png")
+_KIND_STYLE = {  # (color, marker, size): a long prompt's gaps ("x") stay visible over the decodes' ("o")
+    "decode": ("tab:blue", "o", 8), "long": ("tab:red", "x", 30),
+    "random": ("tab:blue", "o", 8), "shared-prefix": ("tab:green", "o", 8),
+}
+
+
+def _ttfts_ms(r: BenchResult) -> list[float]:
+    return [rec.ttft * 1000 for rec in r.records if rec.success and rec.ttft is not None]
+
+
+def _itls_ms(r: BenchResult) -> list[float]:
+    return [gap * 1000 for rec in r.records if rec.success for gap in rec.itl]
+
+
+def _cdf(ax, values: list[float], label: str) -> None:
+    if not values:
+        return
+    s = sorted(values)
+    ax.step(s, [(i + 1) / len(s) for i in range(len(s))], where="post", label=label)
+
+
+def _distribution(results: Mapping[str, BenchResult], values_of, title: str, xlabel: str, path: str,
+                  log_counts: bool) -> None:
+    fig, (hist, cdf) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, r in results.items():
+        values = values_of(r)
+        if values:
+            hist.hist(values, bins=min(50, max(5, len(values) // 2)), alpha=0.6, label=f"{name} (n={len(values)})")
+        _cdf(cdf, values, name)
+    hist.set(title=f"{title}: histogram", xlabel=xlabel, ylabel="count")
+    if log_counts:
+        hist.set_yscale("log")
+    cdf.set(title=f"{title}: CDF", xlabel=xlabel, ylabel="fraction <= x", ylim=(0, 1.02))
+    for ax in (hist, cdf):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _timeline(results: Mapping[str, BenchResult], path: str) -> None:
+    n = len(results)
+    fig, axes = plt.subplots(n, 1, figsize=(12, 4 * n), squeeze=False, sharex=True)
+    for ax, (name, r) in zip(axes[:, 0], results.items()):
+        kinds: dict[str, tuple[list[float], list[float]]] = {}
+        for rec in r.records:
+            times = rec.token_times()
+            xs, ys = kinds.setdefault(rec.kind, ([], []))
+            xs.extend(times[1:])
+            ys.extend(gap * 1000 for gap in rec.itl)
+        for kind, (xs, ys) in sorted(kinds.items()):
+            if xs:
+                color, marker, size = _KIND_STYLE.get(kind, ("tab:gray", "o", 8))
+                ax.scatter(xs, ys, s=size, alpha=0.8, color=color, marker=marker, label=f"ITL of {kind} requests")
+        longs = [rec for rec in r.records if rec.kind == "long"]
+        for i, rec in enumerate(longs):
+            ax.axvline(rec.start_time, color="tab:red", linestyle="--", linewidth=1,
+                       label="long prompt arrives" if i == 0 else None)
+            if rec.ttft is not None:
+                ax.axvspan(rec.start_time, rec.start_time + rec.ttft, color="tab:red", alpha=0.08,
+                           label="long prompt's TTFT" if i == 0 else None)
+        ax.set(title=f"{name}: inter-token gaps over time ({r.config.dataset})", ylabel="ITL (ms)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small", loc="upper right")
+    axes[-1, 0].set_xlabel("time since the run's start (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_plots(results: BenchResult | Mapping[str, BenchResult], out_dir: str) -> list[str]:
+    """Write FILES into out_dir (created); returns their paths. Several results share each chart."""
+    if isinstance(results, BenchResult):
+        results = {results.label: results}
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f) for f in FILES]
+    _distribution(results, _ttfts_ms, "TTFT", "TTFT (ms)", paths[0], log_counts=False)
+    _distribution(results, _itls_ms, "ITL", "inter-token latency (ms)", paths[1], log_counts=True)
+    _timeline(results, paths[2])
+    return paths
