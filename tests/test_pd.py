@@ -123,3 +123,33 @@ def test_duplicate_live_room_is_rejected(pd):
         httpx.post(decode.base_url + "/abort_request", json={"abort_all": True}, timeout=30)
         assert first.result().status_code in (200, 500)
     wait_idle_and_free(prefill.server, decode)
+
+
+@pytest.fixture(scope="module")
+def pd_2x2():
+    """2 prefill + 2 decode servers (mooncake): used as 2P+1D and as 1P+2D."""
+    servers = []
+    try:
+        prefills = [start_prefill("mooncake") for _ in range(2)]
+        servers += prefills
+        decodes = [start_decode("mooncake") for _ in range(2)]
+        servers += decodes
+    except Exception:
+        stop_all(*servers)
+        raise
+    yield prefills, decodes
+    stop_all(*servers)
+
+
+@pytest.mark.parametrize("num_prefill, num_decode", [(2, 1), (1, 2)])
+def test_pd_topologies(pd_2x2, unified_outputs, num_prefill, num_decode):
+    prefills, decodes = pd_2x2
+    prefills, decodes = prefills[:num_prefill], decodes[:num_decode]
+    jobs = [(p, prefills[i % num_prefill], decodes[(i // num_prefill) % num_decode] if num_decode > 1
+             else decodes[0]) for i, p in enumerate(PROMPTS)]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        results = list(ex.map(lambda j: pd_post(j[1], j[2], "/generate", greedy_body(j[0])), jobs))
+    for (p, _, _), (rp, rd) in zip(jobs, results):
+        assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
+        assert rd.json()["output_ids"] == unified_outputs[p], p
+    wait_idle_and_free(*[pf.server for pf in prefills], *decodes)

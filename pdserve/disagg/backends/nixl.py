@@ -10,8 +10,10 @@ Configuration (all measured on the 2-core CI box):
   ``peer`` mode UCX only picks transports that report peer failures, which excludes shared memory/CMA,
   so same-host writes fall back to TCP loopback and need the *receiver* to progress its worker (a
   progress thread busy-spinning a core; ~12 ms per transfer). With ``none`` a same-host WRITE is a
-  zero-copy ``process_vm_writev`` (UCX ``cma``) done by the sender alone: 5-8 GB/s for MB-sized writes,
-  ~10 us for small ones, and the receiver needs no progress thread at all.
+  zero-copy ``process_vm_writev`` (UCX ``cma``) done by the sender alone, and the receiver needs no
+  progress thread at all. Measured (benchmarks/kv_transfer_backends.py, SmolLM2-135M KV): 4-6 GB/s for
+  contiguous destination slots (60 runs, 0.1-3 MB each; in-process memcpy 7-11 GB/s), ~10 us for a tiny
+  write, but ~2-3 us per run when every slot is its own 768 B run (0.3 GB/s scattered).
   A dead peer is still detected: CMA fails with ESRCH and NIXL raises NIXL_ERR_REMOTE_DISCONNECT,
   which ``write``/``poll`` turn into TransferState.FAILED.
   CMA needs ptrace permission between the two processes (same uid; kernel.yama.ptrace_scope <= 1).
@@ -81,7 +83,8 @@ class _NixlWrite:
         self.error: str | None = None
 
     def __repr__(self) -> str:
-        return f"<nixl write to {self.peer}: {self.nbytes} B {self.state.value}{' ' + self.error if self.error else ''}>"
+        err = f" {self.error}" if self.error else ""
+        return f"<nixl write to {self.peer}: {self.nbytes} B {self.state.value}{err}>"
 
 
 class NixlTransferEngine(TransferEngine):
@@ -139,7 +142,7 @@ class NixlTransferEngine(TransferEngine):
                 except Exception as e:  # noqa: BLE001 - best effort
                     logger.warning("nixl: removing peer %s: %s", agent_name, e)
 
-    def write(self, peer: str, runs: list[WriteRun]) -> _NixlWrite:
+    def write(self, peer: str, runs: list[WriteRun] | np.ndarray) -> _NixlWrite:
         info = self._peers.get(peer)
         if info is None:
             raise ValueError(f"nixl: unknown peer {peer!r}; call add_peer first")

@@ -1,0 +1,179 @@
+"""Request and response bodies as the router sees them: JSON objects it reads only to route (prompt text),
+to inject the PD bootstrap fields, and to merge the prefill's input logprobs into the decode's answer."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+
+GENERATE, COMPLETIONS, CHAT = "generate", "completions", "chat"
+_SSE_ERROR = b'data: {"error"'
+
+
+class BadRequest(Exception):
+    """The client's body cannot be routed (400)."""
+
+
+def parse_object(raw: bytes) -> dict:
+    if not raw.strip():
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _ids_text(ids: object) -> str | None:
+    """Token ids as one character each, so that the character tree also works on pre-tokenized prompts."""
+    try:
+        return "".join(map(chr, ids))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _prompt_text(v: object) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and v:
+        first = v[0]
+        if isinstance(first, str):
+            return first  # a batch is routed as a whole, by its first prompt
+        if isinstance(first, int):
+            return _ids_text(v)
+        if isinstance(first, list):
+            return _ids_text(first)
+    return None
+
+
+def routing_text(kind: str, body: dict) -> str | None:
+    """The text cache-aware routing keys on (None when there is none)."""
+    if kind == GENERATE:
+        return _prompt_text(body["text"]) if body.get("text") is not None else _prompt_text(body.get("input_ids"))
+    if kind == COMPLETIONS:
+        return _prompt_text(body.get("prompt"))
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    parts = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
+
+
+def batch_size(kind: str, body: dict) -> int | None:
+    """Number of prompts of a batched /generate request; None for a single one."""
+    if kind != GENERATE:
+        return None
+    text = body.get("text")
+    if isinstance(text, list):
+        return len(text)
+    ids = body.get("input_ids")
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return None
+
+
+def inject_bootstrap(body: dict, host: str, port: int | None, batch: int | None) -> bytes:
+    """Sets bootstrap_host/port/room (fresh random 63-bit rooms; one per prompt of a batch) and serializes."""
+    if batch is None:
+        body["bootstrap_host"], body["bootstrap_port"] = host, port
+        body["bootstrap_room"] = random.getrandbits(63)
+    else:
+        body["bootstrap_host"], body["bootstrap_port"] = [host] * batch, [port] * batch
+        body["bootstrap_room"] = [random.getrandbits(63) for _ in range(batch)]
+    return orjson.dumps(body)
+
+
+def wants_input_logprobs(kind: str, body: dict) -> bool:
+    """A /generate request whose input logprobs come from the prefill (the decode does not compute them)."""
+    if kind != GENERATE:
+        return False
+    v = body.get("return_logprob")
+    return any(v) if isinstance(v, list) else bool(v)
+
+
+def _merge_item(prefill: object, decode: object) -> None:
+    try:
+        p_lps = prefill["meta_info"]["input_token_logprobs"]  # type: ignore[index]
+        d_meta = decode["meta_info"]  # type: ignore[index]
+    except (KeyError, TypeError, IndexError):
+        return
+    if isinstance(p_lps, list):
+        d_meta["input_token_logprobs"] = p_lps + (d_meta.get("input_token_logprobs") or [])
+
+
+def merge_input_logprobs(prefill_body: bytes, decode_body: bytes) -> bytes:
+    """Prepend the prefill's meta_info.input_token_logprobs to the decode's (single or batch answers)."""
+    try:
+        p, d = orjson.loads(prefill_body), orjson.loads(decode_body)
+    except orjson.JSONDecodeError:
+        return decode_body
+    if isinstance(p, list) and isinstance(d, list):
+        for pi, di in zip(p, d):
+            _merge_item(pi, di)
+    else:
+        _merge_item(p, d)
+    return orjson.dumps(d)
+
+
+def sse_events(data: bytes) -> list[bytes]:
+    """Complete `data: ...` payloads of an SSE body."""
+    return [e[6:] for e in data.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+def is_sse_error(chunk: bytes) -> bool:
+    return chunk.startswith(_SSE_ERROR)
+
+
+def sse_error_status(event_payload: bytes, default: int = 500) -> int:
+    try:
+        code = orjson.loads(event_payload)["error"]["code"]
+        return code if isinstance(code, int) and 400 <= code < 600 else default
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return default
+
+
+class StreamLogprobMerger:
+    """Rewrites decode SSE events to carry the prefill's input logprobs (per batch `index`)."""
+
+    def __init__(self, prefill_stream: bytes) -> None:
+        self.inputs: dict[int, list] = {}
+        for payload in sse_events(prefill_stream):
+            try:
+                ev = orjson.loads(payload)
+                lps = ev["meta_info"]["input_token_logprobs"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            self.inputs.setdefault(ev.get("index", 0), lps)
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buf += chunk
+        *events, self._buf = self._buf.split(b"\n\n")
+        return b"".join(self._event(e) + b"\n\n" for e in events)
+
+    def flush(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return rest
+
+    def _event(self, e: bytes) -> bytes:
+        if not e.startswith(b"data: {"):
+            return e
+        try:
+            ev = orjson.loads(e[6:])
+            meta = ev["meta_info"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return e
+        lps = self.inputs.get(ev.get("index", 0))
+        if lps is None:
+            return e
+        meta["input_token_logprobs"] = lps + (meta.get("input_token_logprobs") or [])
+        return b"data: " + orjson.dumps(ev)

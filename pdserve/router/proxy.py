@@ -1,0 +1,391 @@
+"""Proxying: pick a worker (pair), send, relay the answer, retry on another one while nothing reached the client.
+
+PD mode sends the same body (with bootstrap fields) to a prefill and a decode at once and answers with the
+decode's response. Both legs run as tasks; when the prefill fails, a done-callback cancels the decode leg (or
+closes its connection while relaying), and when the decode fails, the prefill leg is cancelled: no leg waits for
+a timeout. Closing an upstream connection makes the worker abort the request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from pdserve.router import payload
+from pdserve.router.config import RetryConfig, RouterConfig
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import Policy
+from pdserve.router.workers import Worker, WorkerRegistry
+from pdserve.server.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_NET_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_JSON = "application/json"
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str  # payload.GENERATE | COMPLETIONS | CHAT (also the metrics label)
+    path: str  # upstream path
+
+
+class Failure(Exception):
+    """An attempt that failed before any byte reached the client: what to answer if it is the last one."""
+
+    def __init__(self, status: int, body: bytes, content_type: str, reason: str, retryable: bool,
+                 workers: tuple[Worker, ...] = ()) -> None:
+        super().__init__(reason)
+        self.status, self.body, self.content_type = status, body, content_type
+        self.reason, self.retryable, self.workers = reason, retryable, workers
+
+    @classmethod
+    def message(cls, status: int, message: str, reason: str, retryable: bool,
+                workers: tuple[Worker, ...] = ()) -> Failure:
+        return cls(status, orjson.dumps(error_body(message, status)), _JSON, reason, retryable, workers)
+
+    @classmethod
+    def network(cls, w: Worker, e: BaseException, during: str) -> Failure:
+        timeout = isinstance(e, asyncio.TimeoutError)
+        status = 504 if timeout else 502
+        return cls.message(status, f"{w.role} worker {w.url} failed {during}: {type(e).__name__}: {e}".rstrip(": "),
+                           "timeout" if timeout else "unreachable", True, (w,))
+
+    @classmethod
+    def answered(cls, w: Worker, status: int, body: bytes, content_type: str) -> Failure:
+        """A worker's own error answer: passed through unchanged; 4xx (but 408/429) are the client's problem."""
+        return cls(status, body, content_type, "upstream_5xx" if status >= 500 else "upstream_4xx",
+                   status in RETRYABLE_STATUS, (w,))
+
+    def response(self) -> web.Response:
+        return web.Response(body=self.body, status=self.status, headers={"Content-Type": self.content_type})
+
+
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (the client went away), as opposed to a leg we cancelled."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling()) if cancelling is not None else False
+
+
+class _Link:
+    """Ties the legs of one PD attempt: when the prefill fails, the decode leg is cancelled (before its answer
+    began) or its connection closed (while relaying), at once."""
+
+    __slots__ = ("d_task", "d_resp", "p_failure")
+
+    def __init__(self) -> None:
+        self.d_task: asyncio.Task | None = None
+        self.d_resp: aiohttp.ClientResponse | None = None
+        self.p_failure: Failure | None = None
+
+    def on_prefill_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if not isinstance(exc, Failure):
+            return
+        self.p_failure = exc
+        if self.d_task is not None and not self.d_task.done():
+            self.d_task.cancel()
+        if self.d_resp is not None:
+            self.d_resp.close()  # a pending read of the relay wakes up with an error
+
+
+class RetryBudget:
+    """Token bucket: every request deposits `budget_ratio` tokens, time adds `budget_min_per_s` per second, a
+    retry spends one; bounds retry storms when a whole fleet fails."""
+
+    def __init__(self, cfg: RetryConfig) -> None:
+        self.ratio, self.rate = cfg.budget_ratio, cfg.budget_min_per_s
+        self.cap = max(10.0, 10.0 * cfg.budget_min_per_s)
+        self.tokens, self.t = self.cap, time.monotonic()
+
+    def deposit(self) -> None:
+        self.tokens = min(self.cap, self.tokens + self.ratio)
+
+    def withdraw(self) -> bool:
+        now = time.monotonic()
+        self.tokens, self.t = min(self.cap, self.tokens + (now - self.t) * self.rate), now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class Proxy:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics,
+                 prefill_policy: Policy, decode_policy: Policy) -> None:
+        self.config, self.registry, self.metrics = config, registry, metrics
+        self.pd = config.pd_disaggregation
+        self.prefill_policy, self.decode_policy = prefill_policy, decode_policy  # non-PD: decode_policy only
+        self.needs_text = decode_policy.needs_text or (self.pd and prefill_policy.needs_text)
+        self.retry = config.retry
+        self.budget = RetryBudget(config.retry)
+        self.session: aiohttp.ClientSession | None = None
+        self.headers = {"Content-Type": _JSON, **registry.auth_headers}
+        self._background: set[asyncio.Task] = set()
+
+    # ---- entry point -----------------------------------------------------------------------------------
+    async def forward(self, request: web.Request, ep: Endpoint) -> web.StreamResponse:
+        rc = self.metrics.route(ep.kind)
+        rc.requests.inc()
+        t0 = time.perf_counter()
+        try:
+            raw = await request.read()
+            body = None
+            if self.pd or self.needs_text:
+                try:
+                    body = payload.parse_object(raw)
+                except payload.BadRequest as e:
+                    self.metrics.error(ep.kind, "bad_request")
+                    return Failure.message(400, str(e), "bad_request", False).response()
+            text = payload.routing_text(ep.kind, body) if self.needs_text else None
+            return await self._with_retries(request, ep, raw, body, text)
+        finally:
+            rc.duration.observe(time.perf_counter() - t0)
+
+    async def _with_retries(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
+                            text: str | None) -> web.StreamResponse:
+        self.budget.deposit()
+        excluded: list[Worker] = []
+        attempt = 0
+        while True:
+            try:
+                prefill, worker = self._pick(text, excluded)
+                return await self._attempt(request, ep, raw, body, prefill, worker)
+            except Failure as f:
+                failure = f
+            if not failure.retryable or attempt >= self.retry.max_retries or not self.budget.withdraw():
+                break
+            excluded.extend(failure.workers)
+            attempt += 1
+            self.metrics.route(ep.kind).retries.inc()
+            logger.info("retry %d of %s: %s", attempt, ep.path, failure.reason)
+            await asyncio.sleep(self._backoff(attempt))
+        self.metrics.error(ep.kind, failure.reason)
+        return failure.response()
+
+    def _backoff(self, attempt: int) -> float:
+        r = self.retry
+        delay = min(r.max_backoff_ms, r.initial_backoff_ms * r.backoff_multiplier ** (attempt - 1))
+        return max(0.0, delay * (1.0 + r.jitter_factor * random.uniform(-1.0, 1.0))) / 1000.0
+
+    def _pick(self, text: str | None, excluded: list[Worker]) -> tuple[Worker | None, Worker]:
+        if not self.pd:
+            ws = self.registry.candidates("regular", excluded)
+            if not ws:
+                raise Failure.message(503, "no healthy worker available", "no_workers", False)
+            return None, self.decode_policy.select(ws, text)
+        ps = self.registry.candidates("prefill", excluded)
+        ds = self.registry.candidates("decode", excluded)
+        if not ps or not ds:
+            raise Failure.message(503, f"no healthy {'prefill' if not ps else 'decode'} worker available",
+                                  "no_workers", False)
+        return self.prefill_policy.select(ps, text), self.decode_policy.select(ds, text)
+
+    # ---- one attempt -----------------------------------------------------------------------------------
+    async def _attempt(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
+                       prefill: Worker | None, worker: Worker) -> web.StreamResponse:
+        data = raw
+        if prefill is not None:
+            assert body is not None
+            data = payload.inject_bootstrap(body, prefill.bootstrap_host, prefill.bootstrap_port,
+                                            payload.batch_size(ep.kind, body))
+        merge = prefill is not None and payload.wants_input_logprobs(ep.kind, body)  # type: ignore[arg-type]
+        link = _Link()
+        p_task = None
+        resp: aiohttp.ClientResponse | None = None
+        clean = False
+        t0 = time.perf_counter()
+        worker.inflight += 1
+        worker.counters.requests.inc()
+        try:
+            if prefill is None:
+                resp, chunk, streaming = await self._head(worker, ep.path, data)
+            else:
+                p_task = asyncio.ensure_future(self._prefill_leg(prefill, ep.path, data))
+                link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
+                p_task.add_done_callback(link.on_prefill_done)
+                try:
+                    resp, chunk, streaming = await link.d_task
+                except asyncio.CancelledError:
+                    if link.p_failure is not None and not _cancelling():
+                        raise link.p_failure from None
+                    raise
+                link.d_task, link.d_resp = None, resp
+                if link.p_failure is not None and streaming:  # the prefill failed in between
+                    raise link.p_failure
+            if streaming:
+                out, clean = await self._relay(request, worker, resp, chunk, p_task if merge else None, link)
+                return out
+            clean = True
+            self.registry.record(worker, True)
+            if merge:
+                with contextlib.suppress(Failure):
+                    chunk = payload.merge_input_logprobs(await p_task, chunk)  # type: ignore[misc]
+            return web.Response(body=chunk, status=resp.status,
+                                headers={"Content-Type": resp.headers.get("Content-Type", _JSON)})
+        finally:
+            worker.inflight -= 1
+            worker.counters.duration.observe(time.perf_counter() - t0)
+            if link.d_task is not None and not link.d_task.done():
+                link.d_task.cancel()
+                await asyncio.gather(link.d_task, return_exceptions=True)
+            if resp is not None:
+                resp.release() if clean else resp.close()
+            if p_task is not None and not p_task.done():
+                if clean:  # the answer is complete: let the prefill finish on its own
+                    self._background.add(p_task)
+                    p_task.add_done_callback(self._forget)
+                else:
+                    p_task.cancel()
+                    await asyncio.gather(p_task, return_exceptions=True)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late prefill failure after a complete answer is not an error
+
+    async def _open(self, w: Worker, path: str, data: bytes) -> aiohttp.ClientResponse:
+        """POST; the response once its headers arrived. Error statuses raise Failure (body read)."""
+        assert self.session is not None
+        try:
+            resp = await self.session.post(w.url_for(path), data=data, headers=self.headers)
+        except _NET_ERRORS as e:
+            self.registry.record(w, False, str(e))
+            raise Failure.network(w, e, "to connect") from None
+        if resp.status < 400:
+            return resp
+        try:
+            body = await resp.read()
+        except _NET_ERRORS:
+            body = orjson.dumps(error_body(f"{w.role} worker {w.url} answered {resp.status}", resp.status))
+        finally:
+            resp.release()
+        self.registry.record(w, resp.status < 500, f"answered {resp.status}")
+        raise Failure.answered(w, resp.status, body, resp.headers.get("Content-Type", _JSON))
+
+    async def _head(self, w: Worker, path: str, data: bytes) -> tuple[aiohttp.ClientResponse, bytes, bool]:
+        """The decode (or only) leg up to the point of no return: (response, body or first SSE chunk, streaming).
+        Failures before it (status, connection, an SSE error event as first chunk) raise Failure."""
+        resp = await self._open(w, path, data)
+        try:
+            if resp.content_type != "text/event-stream":
+                return resp, await resp.read(), False
+            first = await resp.content.readany()
+        except _NET_ERRORS as e:
+            resp.close()
+            self.registry.record(w, False, str(e))
+            raise Failure.network(w, e, "before answering") from None
+        except BaseException:
+            resp.close()
+            raise
+        if payload.is_sse_error(first):
+            resp.close()
+            raise self._event_failure(w, first)
+        return resp, first, True
+
+    def _event_failure(self, w: Worker, data: bytes) -> Failure:
+        """An SSE error event (`data: {"error": ...}`) as the whole answer."""
+        ev = payload.sse_events(data)
+        status = payload.sse_error_status(ev[0]) if ev else 500
+        self.registry.record(w, status < 500, "error event")
+        return Failure(status, ev[0] if ev else data, _JSON, "upstream_5xx" if status >= 500 else "upstream_4xx",
+                       status in RETRYABLE_STATUS, (w,))
+
+    async def _prefill_leg(self, w: Worker, path: str, data: bytes) -> bytes:
+        """The whole prefill answer; Failure if it failed (status, connection, or an SSE error event)."""
+        t0 = time.perf_counter()
+        w.inflight += 1
+        w.counters.requests.inc()
+        resp = None
+        try:
+            resp = await self._open(w, path, data)
+            try:
+                body = await resp.read()
+            except _NET_ERRORS as e:
+                self.registry.record(w, False, str(e))
+                raise Failure.network(w, e, "while answering") from None
+            if resp.content_type == "text/event-stream":
+                for ev in payload.sse_events(body):
+                    if payload.is_sse_error(b"data: " + ev):
+                        raise self._event_failure(w, b"data: " + ev)
+            self.registry.record(w, True)
+            return body
+        finally:
+            w.inflight -= 1
+            w.counters.duration.observe(time.perf_counter() - t0)
+            if resp is not None:
+                resp.close()  # no-op once fully read; else (cancelled) drops the connection: the worker aborts
+
+    # ---- streaming -------------------------------------------------------------------------------------
+    async def _relay(self, request: web.Request, w: Worker, resp: aiohttp.ClientResponse, first: bytes,
+                     merge_with: asyncio.Task | None, link: _Link) -> tuple[web.StreamResponse, bool]:
+        """Relay an SSE answer chunk by chunk (the first chunk was awaited before the client got headers, so
+        that a failure up to then could still be retried). Returns (response, whether it ended cleanly)."""
+        merger = None
+        if merge_with is not None:
+            with contextlib.suppress(Failure):
+                merger = payload.StreamLogprobMerger(await merge_with)
+            first = merger.feed(first) if merger else first
+        out = web.StreamResponse(status=resp.status, headers={
+            "Content-Type": resp.headers.get("Content-Type", "text/event-stream"), **_SSE_HEADERS})
+        try:
+            await out.prepare(request)
+            if first:
+                await out.write(first)
+            while True:
+                try:
+                    chunk = await resp.content.readany()
+                except _NET_ERRORS as e:
+                    if link.p_failure is not None:  # the prefill failed after the stream began
+                        f = link.p_failure
+                        msg = f"prefill failed: {f.body[:500].decode(errors='replace')}"
+                        await out.write(self._sse_error(msg, f.status))
+                    else:
+                        self.registry.record(w, False, str(e))
+                        msg = f"{w.role} worker {w.url} failed mid-stream: {type(e).__name__}: {e}"
+                        logger.warning("%s", msg)
+                        await out.write(self._sse_error(msg, 502))
+                    self.metrics.error("stream", "mid_stream")
+                    return out, False
+                if not chunk:
+                    break
+                await out.write(merger.feed(chunk) if merger else chunk)
+            if merger is not None:
+                tail = merger.flush()
+                if tail:
+                    await out.write(tail)
+            self.registry.record(w, True)
+            await out.write_eof()
+            return out, True
+        except ConnectionError:  # the client went away: closing the upstream aborts the request there
+            return out, False
+
+    @staticmethod
+    def _sse_error(message: str, status: int) -> bytes:
+        return b"data: " + orjson.dumps(error_body(message, status)) + b"\n\ndata: [DONE]\n\n"
+
+    # ---- plain calls (info, control) -------------------------------------------------------------------
+    async def call(self, w: Worker, method: str, path: str, data: bytes | None = None,
+                   timeout: float = 30.0) -> tuple[int, bytes, str]:
+        """One request to one worker: (status, body, content type); status 502/504 with an error body when it
+        cannot be reached."""
+        assert self.session is not None
+        try:
+            async with self.session.request(method, w.url + path, data=data, headers=self.headers,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                return r.status, await r.read(), r.headers.get("Content-Type", _JSON)
+        except _NET_ERRORS as e:
+            f = Failure.network(w, e, f"on {path}")
+            return f.status, f.body, f.content_type

@@ -1,0 +1,80 @@
+"""The router's parts wired together, with their lifecycle (HTTP session, health/load/eviction loops)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
+from pdserve.router.config import RouterConfig
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import make_policy
+from pdserve.router.proxy import Proxy
+from pdserve.router.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+_KEEPALIVE_S = 15.0  # below the workers' own keep-alive (30 s), so that idle connections are ours to close
+
+
+class RouterState:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.registry = WorkerRegistry(config, self.metrics)
+        cache = config.cache_aware
+        if config.pd_disaggregation:
+            self.prefill_policy = make_policy(config.effective_prefill_policy, cache)
+            self.decode_policy = make_policy(config.effective_decode_policy, cache)
+            self.policies = [self.prefill_policy, self.decode_policy]
+        else:
+            self.prefill_policy = self.decode_policy = make_policy(config.policy, cache)
+            self.policies = [self.decode_policy]
+        self.proxy = Proxy(config, self.registry, self.metrics, self.prefill_policy, self.decode_policy)
+        self.registry.on_remove(lambda w: [p.remove_worker(w.url) for p in self.policies])
+        for spec in config.workers:
+            self.registry.add(spec)
+        self.session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        """Open the upstream session, run one round of health checks, start the background loops."""
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S,
+                                         ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s,
+                                        sock_connect=self.config.connect_timeout_s)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
+        self.registry.session = self.proxy.session = self.session
+        await self.registry.check_all()
+        loops = []
+        if self.config.health.enabled:
+            loops.append(self.registry.run_health_loop())
+        if any(p.needs_load for p in self.policies):
+            loops.append(self.registry.run_load_loop(self.config.load_poll_interval_s))
+        if any(p.needs_text for p in self.policies):
+            loops.append(self._evict_loop())
+        self._tasks = [asyncio.ensure_future(c) for c in loops]
+        n_ok = sum(w.healthy for w in self.registry.all())
+        logger.info("%d of %d workers healthy; %s", n_ok, len(self.registry.all()),
+                    "ready" if self.registry.ready() else "not ready yet (no healthy pair)")
+
+    async def _evict_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cache_aware.eviction_interval_s)
+            for p in self.policies:
+                try:
+                    p.evict()
+                except Exception:  # noqa: BLE001 - housekeeping must not die
+                    logger.exception("cache tree eviction failed")
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.session is not None:
+            await self.session.close()
