@@ -1,0 +1,88 @@
+"""What PD buys on this machine: the interference workload against (a) one unified server using every core
+with chunked prefill on, and (b) 1 prefill + 1 decode, one core each, both behind pdserve's router.
+
+    .venv/bin/python benchmarks/pd_vs_unified.py [--plot-dir docs/img] [--output-file r.json]
+
+Deployments are started one after the other with `pdserve up` machinery (pdserve/deploy.py); the same
+workload (steady decode streams plus long prompts arriving at a set rate) runs against each; a side-by-side
+table follows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+
+from pdserve.bench import BenchConfig, format_table, run_benchmarks
+from pdserve.deploy import Deployment, add_up_args, free_port, plan
+
+
+def start(unified: bool, backend: str, log_dir: str) -> tuple[Deployment, str]:
+    ap = argparse.ArgumentParser()
+    add_up_args(ap)
+    port = free_port("127.0.0.1")
+    argv = ["--port", str(port), "--transfer-backend", backend, "--log-dir", log_dir] + (["--unified"] if unified else [])
+    args = ap.parse_args(argv)
+    os.makedirs(log_dir, exist_ok=True)
+    dep = Deployment(plan(args, log_dir))
+    dep.start()
+    try:
+        dep.wait_ready()
+    except Exception:
+        dep.stop()
+        raise
+    return dep, f"http://127.0.0.1:{port}"
+
+
+def workload(base_url: str, label: str, a: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(base_url=base_url, label=label, dataset="interference", num_decode_streams=a.decode_streams,
+                       decode_input_len=32, decode_output_len=a.decode_output_len, num_long_prompts=a.long_prompts,
+                       long_prompt_len=a.long_prompt_len, long_prompt_output_len=8, long_prompt_rate=a.long_prompt_rate,
+                       long_prompt_delay=2.0, warmup_requests=2, seed=1, slo_ttft_ms=a.slo_ttft_ms,
+                       slo_tpot_ms=a.slo_tpot_ms, timeout=600, duration_limit=900)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="nixl")
+    ap.add_argument("--decode-streams", type=int, default=4)
+    ap.add_argument("--decode-output-len", type=int, default=200)
+    ap.add_argument("--long-prompts", type=int, default=4)
+    ap.add_argument("--long-prompt-len", type=int, default=1024)
+    ap.add_argument("--long-prompt-rate", type=float, default=0.4)
+    ap.add_argument("--slo-ttft-ms", type=float, default=5000)
+    ap.add_argument("--slo-tpot-ms", type=float, default=150)
+    ap.add_argument("--plot-dir", default=None)
+    ap.add_argument("--output-file", default=None)
+    a = ap.parse_args()
+    results = {}
+    logs = tempfile.mkdtemp(prefix="pd-vs-unified-")
+    for label, unified in (("unified (2 cores, chunked)", True), (f"PD 1P+1D ({a.backend})", False)):
+        dep, url = start(unified, a.backend, os.path.join(logs, "unified" if unified else "pd"))
+        try:
+            results.update(asyncio.run(run_benchmarks({label: workload(url, label, a)})))
+        finally:
+            dep.stop()
+    print(format_table(results))
+    print("\ndecode streams only (the interference victims):")
+    for label, r in results.items():
+        d = r.by_kind.get("decode", r.summary)
+        print(f"  {label:<28} ITL median {d['median_itl_ms']:.1f} ms, p99 {d['p99_itl_ms']:.1f} ms, "
+              f"max {d['max_itl_ms']:.1f} ms; p99/median {d['p99_itl_ms'] / max(d['median_itl_ms'], 1e-9):.2f}")
+    if a.plot_dir:
+        from pdserve.bench.plots import write_plots
+
+        for path in write_plots(results, a.plot_dir):
+            print(f"plot: {path}")
+    if a.output_file:
+        with open(a.output_file, "w") as f:
+            json.dump({k: r.to_dict() for k, r in results.items()}, f, indent=1)
+    print(f"logs: {logs}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
