@@ -1,0 +1,97 @@
+"""`pdserve up`: starts router + prefill + decode, answers a chat request, `pdserve bench` runs against it, and
+SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.conftest import REPO_ROOT, free_port
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry (through /proc) reaches pid."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def test_up_chat_bench_and_clean_sigterm(tmp_path):
+    port = free_port()
+    log_dir = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--port", str(port), "--transfer-backend", "nixl",
+                             "--max-total-tokens", "8192", "--log-dir", str(log_dir)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "pdserve up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        out = "".join(lines)
+        assert f"http://127.0.0.1:{port}/v1" in out and "curl" in out
+        children = descendants(proc.pid)
+        assert len(children) >= 3  # router, prefill, decode (+ engine processes)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                       json={"model": "default", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"]
+        result = tmp_path / "bench.json"
+        b = subprocess.run([sys.executable, "-m", "pdserve", "bench", "--base-url", f"http://127.0.0.1:{port}",
+                            "--num-prompts", "4", "--random-input-len", "32", "--random-output-len", "8",
+                            "--max-concurrency", "2", "--output-file", str(result)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert b.returncode == 0, b.stdout + b.stderr
+        data = json.loads(result.read_text())
+        for key in ("completed", "duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+                    "input_throughput", "output_throughput", "concurrency", "mean_ttft_ms", "median_ttft_ms",
+                    "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p95_itl_ms", "p99_itl_ms", "max_itl_ms",
+                    "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_e2e_latency_ms",
+                    "median_e2e_latency_ms", "p99_e2e_latency_ms", "goodput"):
+            assert key in data, key
+        assert data["completed"] == 4 and data["total_output_tokens"] == 32
+        assert sorted(os.listdir(log_dir)) == ["decode-0.log", "prefill-0.log", "router.log"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "all processes stopped" in rest
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in children if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, "left behind: " + "; ".join(_cmdline(p) for p in alive)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return str(pid)
