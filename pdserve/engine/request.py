@@ -45,6 +45,9 @@ class Request:
     input_logprobs_sent: bool = False
     # Set by a disaggregation queue; the scheduler treats it as opaque.
     disagg: Any = None
+    # Image prompts: pdserve.epd.mm.MMInputs (embeddings the runner puts at the placeholder positions). The
+    # scheduler reads only `inputs_ready`.
+    mm: Any = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -61,6 +64,11 @@ class Request:
     @property
     def is_decoding(self) -> bool:
         return bool(self.output_ids) and self.num_uncomputed_tokens == 1
+
+    @property
+    def inputs_ready(self) -> bool:
+        """False while a multimodal request's image embeddings are still being computed or received."""
+        return self.mm is None or self.mm.ready
 
     @property
     def finished(self) -> bool:

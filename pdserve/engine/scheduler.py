@@ -70,7 +70,7 @@ class KVManager:
 
     def match_prefix(self, req: Request) -> None:
         """Attach the longest cached prefix (leaving >= 1 token to compute) to a request with no slots."""
-        if self.tree is None:
+        if self.tree is None or req.mm is not None:  # image prompts: placeholder ids do not identify images
             return
         limit = req.num_tokens - 1
         if req.wants_input_logprobs:
@@ -123,6 +123,8 @@ class Scheduler:
         # it can be transferred before the slots are released.
         self.kv_hold: Callable[[Request], bool] | None = None
         self.step_budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else config.max_prefill_tokens
+        # Requests finished inside schedule() (not by a step's results); the engine reports them.
+        self.failed: list[Request] = []
 
     # ---- queue management -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -179,7 +181,11 @@ class Scheduler:
                 out.prefills.append(ScheduledSeq(req, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
-            req = self.waiting[0]
+            # FCFS among requests whose inputs are ready (image embeddings may still be on their way).
+            req = self.waiting[0] if self.waiting[0].inputs_ready else next(
+                (r for r in self.waiting if r.inputs_ready), None)
+            if req is None:
+                break
             if not req.slots:
                 self.kv.match_prefix(req)
                 if req.num_preemptions == 0:
@@ -188,7 +194,7 @@ class Scheduler:
             # Keep room for every running decode to grow one token after this admission.
             if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.prefills.append(ScheduledSeq(req, n))
@@ -196,6 +202,11 @@ class Scheduler:
         return out
 
     def _preempt(self, req: Request) -> None:
+        if not req.inputs_ready:  # an image prompt without embeddings here (a decode server): cannot recompute
+            self.finish(req, "abort", error="preempted for KV memory, and this server cannot recompute an image "
+                                            "prompt (it holds no image embeddings); raise --max-total-tokens")
+            self.failed.append(req)
+            return
         self.running.remove(req)
         self.kv.release(req)
         req.num_computed_tokens = 0

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+
+from pdserve.epd.vlm import language_weight_name, text_config_of
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class KVCache:
 class LlamaForCausalLM:
     def __init__(self, hf_dir: str, dtype: torch.dtype, device: torch.device):
         with open(os.path.join(hf_dir, "config.json")) as f:
-            self.config = json.load(f)
+            self.config = text_config_of(json.load(f))  # a vision-language checkpoint: its language model
         self.arch = a = LlamaArch.from_config(self.config)
         self.dtype, self.device = dtype, device
         sd = _load_state_dict(hf_dir)
@@ -123,10 +125,17 @@ class LlamaForCausalLM:
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata, kv: KVCache,
-                logits_idx: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T]; logits_idx: [N] rows of the batch to score. Returns logits [N, V] fp32."""
+                logits_idx: torch.Tensor,
+                embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]; logits_idx: [N] rows of the batch to score. Returns logits [N, V] fp32.
+
+        embeds_override: optional (rows [K] int64, embeddings [K, H]): those rows of the flat batch take the
+        given input embeddings instead of their token's (image placeholder tokens of multimodal prompts)."""
         a = self.arch
         x = F.embedding(input_ids, self.embed)  # [T, H]
+        if embeds_override is not None:
+            rows, values = embeds_override
+            x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
         cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].to(self.dtype).unsqueeze(1)
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
@@ -203,13 +212,18 @@ def _rope_tables(cfg: dict, a: LlamaArch, device: torch.device) -> tuple[torch.T
 
 
 def _load_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
+    """The language model's weights under plain causal-LM names (a VLM's vision tower is not loaded)."""
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no .safetensors weights in {hf_dir}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            sd.update(load_file(os.path.join(hf_dir, f)))
+            with safe_open(os.path.join(hf_dir, f), "pt") as st:
+                for k in st.keys():
+                    name = language_weight_name(k)
+                    if name is not None:
+                        sd[name] = st.get_tensor(k)
         except Exception as e:
             raise ValueError(f"cannot read weights {f}: {e}") from None
     return sd

@@ -20,7 +20,9 @@ from pdserve.envs import ENVS
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Vision-language: LlavaForConditionalGeneration over one of the above (see pdserve/epd/vlm.py).
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_VLM = "demo-vlm"  # --model-path alias: pdserve.epd.demo_vlm.build_demo_vlm()
 
 
 class ModelLoadError(ValueError):
@@ -61,6 +63,14 @@ def _check_architecture(hf_dir: str) -> tuple[str, str]:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {cfg_path}: {e}") from None
     archs = cfg.get("architectures") or []
+    if "vision_config" in cfg:  # a vision-language model: its language model must be a supported family
+        from pdserve.epd.vlm import VLMConfigError, VLMSpec
+
+        try:
+            VLMSpec.from_dir(hf_dir)
+        except (VLMConfigError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"unsupported vision-language model in {hf_dir}: {e}") from None
+        return archs[0], cfg.get("model_type", "")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(
@@ -104,6 +114,10 @@ def _convert_gguf(gguf_path: str, out_dir: str) -> None:
 
 def resolve_model(model_path: str | None) -> ResolvedModel:
     """Return the HF directory to load, converting (and caching) a GGUF file on first use."""
+    if model_path == DEMO_VLM:  # the demo vision-language model, built (once) from the default model
+        from pdserve.epd.demo_vlm import build_demo_vlm
+
+        model_path = build_demo_vlm()
     path = model_path or default_model_path()
     if not os.path.exists(path):
         raise ModelLoadError(f"model path does not exist: {path}")

@@ -64,17 +64,13 @@ def create_app(state: ServerState) -> FastAPI:
     async def get_model_info() -> Response:
         return json_response(model_info(state))
 
-    @app.get("/version")
-    async def version() -> Response:
-        return json_response({"version": __version__})
-
     @app.get("/get_load")
     async def get_load() -> Response:
         load = await state.client.get_load()
         state.metrics.update_load(load)
         return json_response([{
             "dp_rank": 0, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
-            "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens,
+            "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens, **load.extra,
         }])
 
     @app.get("/metrics")

@@ -44,12 +44,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=_ENGINE.bootstrap_port)
     g.add_argument("--disaggregation-ib-device", default=_ENGINE.ib_device)
 
+    g = parser.add_argument_group("encode/prefill/decode (EPD) disaggregation of multimodal requests")
+    g.add_argument("--encoder-disaggregated", action="store_true",
+                   help="prefill: take image embeddings from encode servers instead of running the vision tower")
+    g.add_argument("--encoder-only", action="store_true", help="alias of --disaggregation-mode encode")
+    g.add_argument("--language-only", action="store_true",
+                   help="take image embeddings from encode servers: text mode, or with --disaggregation-mode "
+                        "prefill the same as --encoder-disaggregated (no-op on a decode)")
+    g.add_argument("--encoder-urls", nargs="+", default=[], metavar="URL",
+                   help="encode servers this language server sends images to itself (implies --language-only)")
+
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Raises ValueError (from the config dataclasses) for invalid values."""
     model = ModelConfig(
         model_path=args.model_path, dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
     )
+    mode, enc_disagg = epd_mode(args)
     engine = EngineConfig(
         model=model,
         max_total_tokens=args.max_total_tokens,
@@ -60,13 +71,36 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         disable_radix_cache=args.disable_radix_cache,
         num_threads=args.num_threads,
         seed=args.random_seed,
-        disaggregation_mode=args.disaggregation_mode,
+        disaggregation_mode=mode,
+        encoder_disaggregated=enc_disagg,
+        encoder_urls=tuple(u.rstrip("/") for u in args.encoder_urls),
         transfer_backend=args.disaggregation_transfer_backend,
         bootstrap_port=args.disaggregation_bootstrap_port,
         ib_device=args.disaggregation_ib_device,
         host=args.host,
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+
+
+def epd_mode(args: argparse.Namespace) -> tuple[str, bool]:
+    """(disaggregation mode, encoder_disaggregated) after SGLang's EPD aliases. Raises ValueError."""
+    mode, enc_disagg = args.disaggregation_mode, args.encoder_disaggregated
+    if args.encoder_only:
+        if mode not in ("null", "encode"):
+            raise ValueError(f"--encoder-only contradicts --disaggregation-mode {mode}")
+        mode = "encode"
+    if args.language_only or args.encoder_urls:
+        if mode in ("null", "text"):
+            mode = "text"
+        elif mode == "prefill":
+            enc_disagg = True
+        elif mode != "decode":
+            raise ValueError(f"--language-only / --encoder-urls contradict --disaggregation-mode {mode}")
+    if mode == "text":
+        enc_disagg = False  # implied by the mode
+    if args.encoder_urls and mode == "decode":
+        raise ValueError("--encoder-urls is for the server that prefills (text, or prefill)")
+    return mode, enc_disagg
 
 
 def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:

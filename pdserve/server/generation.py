@@ -34,6 +34,7 @@ class GenInput:
     logprob_start_len: int = -1
     stream: bool = False
     bootstrap: BootstrapInfo | None = None
+    mm: object = None  # image prompts: pdserve.epd.mm.MultimodalInput (input_ids already expanded)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class GenerationService:
         req = GenerateRequest(
             rid=inp.rid, input_ids=tuple(inp.input_ids), sampling=inp.sampling, return_logprob=inp.return_logprob,
             top_logprobs_num=inp.top_logprobs_num, logprob_start_len=inp.logprob_start_len, stream=inp.stream,
-            bootstrap=inp.bootstrap,
+            bootstrap=inp.bootstrap, mm=inp.mm,
         )
         engine_stream = self.client.generate(req)
         prompt_tokens, cached, completion, started = len(inp.input_ids), 0, 0, False

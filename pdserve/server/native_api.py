@@ -10,7 +10,8 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pdserve.engine.messages import TokenLogprob
-from pdserve.server.errors import EngineError
+from pdserve.epd.front import MultimodalFront
+from pdserve.server.errors import BadRequestError, EngineError
 from pdserve.server.generation import GenerationService, GenInput, GenResult, collect, merge
 from pdserve.server.protocol import GenerateItem, GenerateReqInput, bootstrap_info
 from pdserve.server.streaming import SSE_DONE, json_response, sse_error, sse_event, sse_response, unless_disconnected
@@ -18,21 +19,27 @@ from pdserve.server.tokenization import PromptEncoder
 
 
 class NativeServing:
-    def __init__(self, gen: GenerationService, encoder: PromptEncoder) -> None:
+    def __init__(self, gen: GenerationService, encoder: PromptEncoder, mm: MultimodalFront | None = None) -> None:
         self.gen = gen
         self.encoder = encoder
+        self.mm = mm
 
-    def _input(self, item: GenerateItem, stream: bool) -> GenInput:
+    async def _input(self, item: GenerateItem, stream: bool, epd: object) -> GenInput:
         ids = item.input_ids if item.input_ids is not None else self.encoder.encode_text(item.text or "")
+        mm = None
+        if self.mm is not None:
+            ids, mm = await self.mm.prepare(list(ids), list(item.image_data), epd)
+        elif item.image_data:
+            raise BadRequestError("this server takes no images", param="image_data")
         return GenInput(
             rid=item.rid or self.gen.new_rid(), input_ids=ids, sampling=item.sampling,
             return_logprob=item.return_logprob, top_logprobs_num=item.top_logprobs_num,
             logprob_start_len=item.logprob_start_len, stream=stream,
-            bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room),
+            bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room), mm=mm,
         )
 
     async def generate(self, req: GenerateReqInput, request: Request) -> Response:
-        inputs = [self._input(item, req.stream) for item in req.items]
+        inputs = [await self._input(item, req.stream, req.extra.get("epd")) for item in req.items]
         streams = await self.gen.open(inputs)
         if req.stream:
             return sse_response(self._events(req, inputs, streams))

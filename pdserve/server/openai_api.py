@@ -12,6 +12,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pdserve.engine.messages import TokenLogprob
+from pdserve.epd.front import MultimodalFront
 from pdserve.server.errors import BadRequestError, EngineError
 from pdserve.server.generation import GenChunk, GenerationService, GenInput, GenResult, collect, merge
 from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAICommon, sampling_for_choice
@@ -51,7 +52,9 @@ def _usage(prompts: Sequence[Sequence[int]], choices: Sequence[_Choice], complet
 
 
 class OpenAIServing:
-    def __init__(self, gen: GenerationService, encoder: PromptEncoder, served_model_name: str, strict_model: bool):
+    def __init__(self, gen: GenerationService, encoder: PromptEncoder, served_model_name: str, strict_model: bool,
+                 mm: MultimodalFront | None = None):
+        self.mm = mm
         self.gen = gen
         self.encoder = encoder
         self.model_name = served_model_name
@@ -72,7 +75,7 @@ class OpenAIServing:
                                   param="model")
 
     def _choices(self, common: OpenAICommon, prompts: list[list[int]], default_max: int | None,
-                 logprobs: int | None, logprob_start_len: int = -1) -> list[_Choice]:
+                 logprobs: int | None, logprob_start_len: int = -1, mm: object = None) -> list[_Choice]:
         sampling = common.sampling
         if common.max_tokens is None and default_max is not None:
             sampling = sampling.with_max_new_tokens(default_max)
@@ -86,7 +89,7 @@ class OpenAIServing:
                     rid=base if total == 1 else f"{base}-{index}", input_ids=ids,
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
-                    bootstrap=common.bootstrap,
+                    bootstrap=common.bootstrap, mm=mm,
                 )))
         return choices
 
@@ -190,8 +193,15 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(req.common)
         prompt = self.encoder.encode_chat(req.messages, req.chat_template_kwargs)
+        mm = None
+        if req.images:
+            if self.mm is None:
+                raise BadRequestError("this server takes no images", param="messages")
+            if req.common.n > 1 and self.mm.config.language_only:
+                raise BadRequestError("n > 1 is not supported for image requests on EPD servers", param="n")
+            prompt, mm = await self.mm.prepare(prompt, list(req.images), req.common.epd, param="messages")
         # max_tokens unset: the rest of the context (GenerationService clamps the placeholder).
-        choices = self._choices(req.common, [prompt], None, req.top_logprobs if req.logprobs else None)
+        choices = self._choices(req.common, [prompt], None, req.top_logprobs if req.logprobs else None, mm=mm)
         rid = f"chatcmpl-{choices[0].input.rid}"
         created = int(time.time())
         streams = await self.gen.open([c.input for c in choices])

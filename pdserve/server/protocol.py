@@ -83,8 +83,9 @@ def _require_object(body: object) -> dict:
 # ---- SGLang native /generate ---------------------------------------------------------------------------
 _NATIVE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
-    "return_text_in_logprobs", "stream", "bootstrap_host", "bootstrap_port", "bootstrap_room",
+    "return_text_in_logprobs", "stream", "bootstrap_host", "bootstrap_port", "bootstrap_room", "image_data",
 })
+IMAGE_SENTINEL = "\ufffcimage\ufffc"  # an image part inside a flattened chat message (pdserve/epd/front.py)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class GenerateItem:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    image_data: tuple[str, ...] = ()  # images (URL, file path, data URI / base64), in placeholder order
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,9 @@ def parse_generate(body: object) -> GenerateReqInput:
     hosts = _per_item(body, "bootstrap_host", n, is_batch, lambda d, k: _get_str(d, k))
     ports = _per_item(body, "bootstrap_port", n, is_batch, _int_entry(None))
     rooms = _per_item(body, "bootstrap_room", n, is_batch, _int_entry(None))
+    images = _image_data(body.get("image_data"))
+    if images and is_batch:
+        raise BadRequestError("image_data is supported with a single prompt only", param="image_data")
     for k in top_num:
         if not 0 <= k <= MAX_TOP_LOGPROBS:
             raise BadRequestError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}], got {k}",
@@ -187,7 +192,7 @@ def parse_generate(body: object) -> GenerateReqInput:
         GenerateItem(
             text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
             logprob_start_len=start_len[i], top_logprobs_num=top_num[i], bootstrap_host=hosts[i],
-            bootstrap_port=ports[i], bootstrap_room=rooms[i],
+            bootstrap_port=ports[i], bootstrap_room=rooms[i], image_data=images,
         )
         for i in range(n)
     ]
@@ -198,6 +203,19 @@ def parse_generate(body: object) -> GenerateReqInput:
         return_text_in_logprobs=_get_bool(body, "return_text_in_logprobs"),
         extra={k: v for k, v in body.items() if k not in _NATIVE_FIELDS},
     )
+
+
+def _image_data(v: object) -> tuple[str, ...]:
+    """image_data: one image or a list of them (a one-prompt batch's [[...]] is accepted too)."""
+    if v is None:
+        return ()
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], list):
+        v = v[0]
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+        raise BadRequestError("image_data must be an image (URL, file path or data URI) or a list of them",
+                              param="image_data")
+    return tuple(items)
 
 
 # ---- OpenAI --------------------------------------------------------------------------------------------
@@ -222,6 +240,7 @@ class OpenAICommon:
     max_tokens: int | None  # None: OpenAI default (completions: 16, chat: the rest of the context)
     rid: str | None
     bootstrap: BootstrapInfo | None = None  # injected by a PD router
+    epd: object = None  # injected by an EPD balancer: where the image embeddings wait (pdserve/epd/front.py)
 
 
 def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
@@ -252,7 +271,8 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
                                _get_int(body, "bootstrap_room"))
     if bootstrap is not None and n > 1:
         raise BadRequestError("n > 1 is not supported with bootstrap_room (PD disaggregation)", param="n")
-    return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap)
+    return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap,
+                        body.get("epd"))
 
 
 def bootstrap_info(host: str | None, port: int | None, room: int | None) -> BootstrapInfo | None:
@@ -316,9 +336,11 @@ class ChatCompletionRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     chat_template_kwargs: dict[str, object] = field(default_factory=dict)
+    images: tuple[str, ...] = ()  # image_url parts, in order; each marked by IMAGE_SENTINEL in its message
 
 
-def _message_content(content: object, i: int) -> str:
+def _message_content(content: object, i: int, images: list[str]) -> str:
+    """A message's text; image_url parts become IMAGE_SENTINEL (their URLs are appended to `images`)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -326,9 +348,20 @@ def _message_content(content: object, i: int) -> str:
     if isinstance(content, list):
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise BadRequestError(f"messages[{i}].content: only text parts are supported", param="messages")
-            parts.append(part["text"])
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind == "image_url":
+                iu = part.get("image_url")
+                url = iu.get("url") if isinstance(iu, dict) else iu
+                if not isinstance(url, str) or not url:
+                    raise BadRequestError(f"messages[{i}].content: an image_url part needs image_url.url",
+                                          param="messages")
+                images.append(url)
+                parts.append(IMAGE_SENTINEL)
+            else:
+                raise BadRequestError(f"messages[{i}].content: only text and image_url parts are supported",
+                                      param="messages")
         return "".join(parts)
     raise BadRequestError(f"messages[{i}].content must be a string or a list of parts", param="messages")
 
@@ -339,6 +372,7 @@ def parse_chat(body: object) -> ChatCompletionRequest:
     if not isinstance(raw, list) or not raw:
         raise BadRequestError("messages must be a non-empty list", param="messages")
     messages = []
+    images: list[str] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise BadRequestError(f"messages[{i}] must be an object", param="messages")
@@ -347,7 +381,7 @@ def parse_chat(body: object) -> ChatCompletionRequest:
             raise BadRequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
                                   param="messages")
         name = m.get("name")
-        content = _message_content(m.get("content"), i)
+        content = _message_content(m.get("content"), i, images)
         messages.append(ChatMessage(role, content, name if isinstance(name, str) else None))
     logprobs = _get_bool(body, "logprobs")
     top = _get_int(body, "top_logprobs", 0)
@@ -361,6 +395,7 @@ def parse_chat(body: object) -> ChatCompletionRequest:
         logprobs=logprobs,
         top_logprobs=top,
         chat_template_kwargs=_get_dict(body, "chat_template_kwargs"),
+        images=tuple(images),
     )
 
 

@@ -36,6 +36,10 @@ def run_server(config: ServerConfig) -> int:
 
 
 async def serve(config: ServerConfig) -> int:
+    if config.engine.disaggregation_mode == "encode":  # EPD encode server: a vision encoder, no engine process
+        from pdserve.epd.encode_server import serve_encoder
+
+        return await serve_encoder(config)
     from pdserve.engine.client import EngineClient
 
     loop = asyncio.get_running_loop()

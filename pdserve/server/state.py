@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from pdserve import __version__
 from pdserve.config import ServerConfig
 from pdserve.sampling_params import SamplingParams
+from pdserve.epd.front import MultimodalFront
 from pdserve.server.generation import GenerationService, GenInput, GenResult, collect
 from pdserve.server.metrics import ServerMetrics
 from pdserve.server.native_api import NativeServing
@@ -39,13 +40,15 @@ def build_state(config: ServerConfig, client: "EngineClient") -> ServerState:
     model_path = os.path.abspath(client.resolved.source_path)
     served = config.engine.model.served_model_name or config.engine.model.model_path or model_path
     metrics = ServerMetrics(served)
-    encoder = PromptEncoder(client.tokenizer, client.resolved.hf_dir)
+    mm = MultimodalFront(client.resolved.hf_dir, config.engine, config.api_key)
+    encoder = PromptEncoder(client.tokenizer, client.resolved.hf_dir, mm.image_token)
     gen = GenerationService(client, client.tokenizer, metrics, client.ready.context_len, encoder.vocab_size,
                             client.eos_token_ids)
     return ServerState(
         config=config, client=client, served_model_name=served, model_path=model_path, metrics=metrics,
-        encoder=encoder, gen=gen, native=NativeServing(gen, encoder),
-        openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None),
+        encoder=encoder, gen=gen, native=NativeServing(gen, encoder, mm),
+        openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None,
+                             mm=mm),
     )
 
 
@@ -75,6 +78,9 @@ def server_info(state: ServerState) -> dict[str, object]:
         "disaggregation_transfer_backend": eng.transfer_backend,
         "disaggregation_bootstrap_port": eng.bootstrap_port,
         "disaggregation_ib_device": eng.ib_device,
+        "encoder_disaggregated": eng.language_only,
+        "encoder_urls": list(eng.encoder_urls),
+        "is_multimodal": state.openai.mm is not None and state.openai.mm.spec is not None,
         "api_key_set": cfg.api_key is not None,
         "log_level": cfg.log_level,
         "is_generation": True,
@@ -99,7 +105,7 @@ async def health_generate(state: ServerState) -> str | None:
     """Run one real token through the engine; None when healthy, else why not."""
     if not state.client.is_alive():
         return "the engine process is not running"
-    if state.config.engine.disaggregation_mode != "null":
+    if state.config.engine.disaggregation_mode in ("prefill", "decode"):
         # A PD half cannot finish a request alone: check that the engine loop answers instead.
         try:
             await asyncio.wait_for(state.client.get_load(), HEALTH_GENERATE_TIMEOUT_S)

@@ -7,13 +7,14 @@ import os
 from collections.abc import Sequence
 
 from pdserve.server.errors import BadRequestError
-from pdserve.server.protocol import ChatMessage
+from pdserve.server.protocol import IMAGE_SENTINEL, ChatMessage
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, hf_dir: str | None = None) -> None:
+    def __init__(self, tokenizer, hf_dir: str | None = None, image_token: str = "") -> None:
         self.tokenizer = tokenizer
         self.vocab_size = max(len(tokenizer), _config_vocab_size(hf_dir))
+        self.image_token = image_token  # what an image part becomes in the chat template's input
         self._token_text: dict[int, str] = {}
 
     def encode_text(self, text: str) -> list[int]:
@@ -30,6 +31,7 @@ class PromptEncoder:
             )
         except Exception as e:  # jinja raises for conversations the template rejects
             raise BadRequestError(f"cannot apply the chat template: {e}", param="messages") from None
+        text = text.replace(IMAGE_SENTINEL, self.image_token)
         # The template writes the special tokens (BOS included) itself.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -47,7 +49,9 @@ def _config_vocab_size(hf_dir: str | None) -> int:
     if not hf_dir:
         return 0
     try:
+        from pdserve.epd.vlm import text_config_of
+
         with open(os.path.join(hf_dir, "config.json")) as f:
-            return int(json.load(f).get("vocab_size") or 0)
+            return int(text_config_of(json.load(f)).get("vocab_size") or 0)
     except (OSError, ValueError, TypeError):
         return 0
