@@ -1,15 +1,19 @@
 """Minimal PD load balancer for debugging (SGLang's mini_lb): a random prefill/decode pair per request, the same
 body with bootstrap fields sent to both at once, the decode's answer relayed (streams chunk by chunk). No health
-checks, retries or policies: `python -m pdserve.launch_router` has those.
+checks, retries or policies: `python -m pdserve.launch_router` has those. With `--encode`, image requests go
+through the EPD dispatch (pdserve/epd/dispatch.py): encode first, then a text server or a PD pair.
 
     python -m pdserve.mini_lb --prefill http://127.0.0.1:30001 --decode http://127.0.0.1:30002 \
         --prefill-bootstrap-ports 8998 --host 127.0.0.1 --port 8000
+    python -m pdserve.mini_lb --encode URL... --text URL...
+    python -m pdserve.mini_lb --encode URL... --prefill URL... --decode URL...
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 from urllib.parse import urlsplit
@@ -28,8 +32,10 @@ def _error(message: str, status: int) -> web.Response:
 
 
 class MiniLoadBalancer:
-    def __init__(self, prefills: list[tuple[str, int | None]], decodes: list[str]) -> None:
+    def __init__(self, prefills: list[tuple[str, int | None]], decodes: list[str], encoders: list[str] = (),
+                 texts: list[str] = ()) -> None:
         self.prefills, self.decodes = prefills, decodes
+        self.encoders, self.texts = list(encoders), list(texts)
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self, _: web.Application) -> None:
@@ -46,6 +52,10 @@ class MiniLoadBalancer:
             assert isinstance(body, dict)
         except (orjson.JSONDecodeError, AssertionError):
             return _error("request body must be a JSON object", 400)
+        if self.encoders and path in ("/generate", "/v1/chat/completions"):
+            return await self._epd(request, path, body)
+        if not self.prefills:  # text servers only: a plain forward
+            return await self._epd(request, path, body)
         (p_url, port), d_url = random.choice(self.prefills), random.choice(self.decodes)
         host = urlsplit(p_url).hostname or ""
         host = f"[{host}]" if ":" in host else host
@@ -81,6 +91,25 @@ class MiniLoadBalancer:
         finally:
             resp.close()
             await asyncio.gather(prefill, return_exceptions=True)
+
+    async def _epd(self, request: web.Request, path: str, body: dict) -> web.StreamResponse:
+        from pdserve.epd.dispatch import Target, dispatch
+
+        if self.texts:
+            target = Target(text=random.choice(self.texts))
+        else:
+            (p_url, port), d_url = random.choice(self.prefills), random.choice(self.decodes)
+            target = Target(prefill=p_url, bootstrap_port=port, decode=d_url)
+        res = await dispatch(self.session, path, body, self.encoders, target)
+        if res.stream is None:
+            return web.Response(body=res.body, status=res.status, headers={"Content-Type": res.content_type})
+        out = web.StreamResponse(status=res.status, headers={"Content-Type": res.content_type})
+        await out.prepare(request)
+        async with contextlib.aclosing(res.stream) as chunks:
+            async for c in chunks:
+                await out.write(c)
+        await out.write_eof()
+        return out
 
     async def _read(self, url: str, data: bytes) -> bytes:
         assert self.session is not None
@@ -131,32 +160,41 @@ class MiniLoadBalancer:
         for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
             app.router.add_post(path, lambda r, p=path: self.generate(r, p))
         app.router.add_get("/health", lambda _: web.Response(status=200))
-        app.router.add_get("/v1/models", lambda _: self.forward_get(self.decodes[0] + "/v1/models"))
-        app.router.add_get("/get_model_info", lambda _: self.forward_get(self.prefills[0][0] + "/get_model_info"))
+        lang = self.decodes[0] if self.decodes else self.texts[0]
+        app.router.add_get("/v1/models", lambda _: self.forward_get(lang + "/v1/models"))
+        app.router.add_get("/get_model_info", lambda _: self.forward_get(
+            (self.prefills[0][0] if self.prefills else lang) + "/get_model_info"))
         app.router.add_get("/get_server_info", self.server_info)
         return app
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pdserve.mini_lb", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prefill", nargs="+", required=True, metavar="URL")
-    ap.add_argument("--decode", nargs="+", required=True, metavar="URL")
+    ap.add_argument("--prefill", nargs="+", default=[], metavar="URL")
+    ap.add_argument("--decode", nargs="+", default=[], metavar="URL")
+    ap.add_argument("--encode", nargs="+", default=[], metavar="URL", help="EPD: encode servers")
+    ap.add_argument("--text", nargs="+", default=[], metavar="URL", help="EPD: language-only servers (PD not split)")
     ap.add_argument("--prefill-bootstrap-ports", nargs="+", default=None, metavar="PORT",
                     help="one per prefill (or one for all); a number or 'none'; default 8998")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     args = ap.parse_args(argv)
+    if not args.text and not (args.prefill and args.decode):
+        ap.error("give --prefill and --decode, or --text (with --encode)")
+    if args.text and not args.encode:
+        ap.error("--text needs --encode")
     ports = args.prefill_bootstrap_ports or ["8998"]
     if len(ports) == 1:
         ports = ports * len(args.prefill)
-    if len(ports) != len(args.prefill):
+    if args.prefill and len(ports) != len(args.prefill):
         ap.error(f"{len(ports)} bootstrap ports for {len(args.prefill)} prefill servers")
     try:
         parsed = [None if p.lower() == "none" else int(p) for p in ports]
     except ValueError:
         ap.error(f"bootstrap ports must be numbers or 'none', got {ports}")
     lb = MiniLoadBalancer([(u.rstrip("/"), p) for u, p in zip(args.prefill, parsed)],
-                          [u.rstrip("/") for u in args.decode])
+                          [u.rstrip("/") for u in args.decode], [u.rstrip("/") for u in args.encode],
+                          [u.rstrip("/") for u in args.text])
     web.run_app(lb.app(), host=args.host, port=args.port, access_log=None)
     return 0
 

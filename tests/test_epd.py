@@ -481,3 +481,21 @@ def test_demo_vlm_is_cached_and_documented():
     assert path == demo_vlm_dir() and time.monotonic() - t0 < 5
     with open(os.path.join(path, "README.md")) as f:
         assert "UNTRAINED" in f.read()
+
+
+def test_mini_lb_epd_setups(epd, images, reference):
+    """`python -m pdserve.mini_lb --encode ... --text ...` and `--encode ... --prefill ... --decode ...`."""
+    from tests.test_router import router
+
+    servers, bp = epd
+    setups = [["--encode", servers["encA"].base_url, servers["encB"].base_url, "--text", servers["text"].base_url],
+              ["--encode", servers["encA"].base_url, "--prefill", servers["prefill"].base_url,
+               "--prefill-bootstrap-ports", str(bp), "--decode", servers["decode"].base_url]]
+    for args in setups:
+        with router(args, module="pdserve.mini_lb", ready=False) as lb:
+            r = httpx.post(lb.base_url + "/generate", json=gen_body(images["cat.png"]), timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["output_ids"] == reference["one"]
+            two = gen_body([images["cat.png"], images["dog.png"]], text="<image> and <image>: which is brighter?")
+            assert httpx.post(lb.base_url + "/generate", json=two, timeout=120).json()["output_ids"] == reference["two"]
+    assert_no_leaks({k: servers[k] for k in ("text", "prefill", "decode", "encA", "encB")})
