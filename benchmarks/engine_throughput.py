@@ -27,8 +27,8 @@ def long_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_pdserve(args) -> dict[str, float]:
-    eng = Engine(EngineConfig(model=ModelConfig(model_path=args.model_path), max_total_tokens=16384,
+def bench_pdserve(args, dtype: str = "float32") -> dict[str, float]:
+    eng = Engine(EngineConfig(model=ModelConfig(model_path=args.model_path, dtype=dtype), max_total_tokens=16384,
                               chunked_prefill_size=-1, max_prefill_tokens=8192, disable_radix_cache=True,
                               num_threads=args.threads, max_running_requests=64))
     tok = eng.tokenizer
@@ -81,9 +81,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--dtypes", default="float32", help="pdserve rows, e.g. float32,bfloat16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {"pdserve": bench_pdserve(args)}
+    rows = {f"pdserve {dt}": bench_pdserve(args, dt) for dt in args.dtypes.split(",")}
     if not args.skip_hf:
         rows["transformers generate()"] = bench_hf(args)
     print(f"\n{'engine':<26}{'prefill tok/s (512)':>22}{'decode tok/s (1 stream)':>26}"
