@@ -499,3 +499,24 @@ def test_mini_lb_epd_setups(epd, images, reference):
             two = gen_body([images["cat.png"], images["dog.png"]], text="<image> and <image>: which is brighter?")
             assert httpx.post(lb.base_url + "/generate", json=two, timeout=120).json()["output_ids"] == reference["two"]
     assert_no_leaks({k: servers[k] for k in ("text", "prefill", "decode", "encA", "encB")})
+
+
+def test_route_with_encode_servers(epd, images, reference):
+    """`pdserve route --encode ...` in front of a text server, and in front of a PD pair."""
+    from tests.test_router import router
+
+    servers, bp = epd
+    setups = [["--encode", servers["encA"].base_url, "--worker-urls", servers["text"].base_url],
+              ["--encode", servers["encA"].base_url, servers["encB"].base_url, "--pd-disaggregation",
+               "--prefill", servers["prefill"].base_url, str(bp), "--decode", servers["decode"].base_url]]
+    for args in setups:
+        with router(args + ["--policy", "round_robin"]) as r:
+            resp = httpx.post(r.base_url + "/generate", json=gen_body(images["cat.png"]), timeout=120)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["output_ids"] == reference["one"]
+            chat = chat_body([images["dog_data_uri"], images["cat.png"]])
+            assert chat_text(httpx.post(r.base_url + "/v1/chat/completions", json=chat, timeout=120)) == reference["chat"]
+            bad = httpx.post(r.base_url + "/generate", json=gen_body("data:image/png;base64,bm90IGFuIGltYWdl"),
+                             timeout=60)
+            assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
+    assert_no_leaks({k: servers[k] for k in ("text", "prefill", "decode", "encA", "encB")})

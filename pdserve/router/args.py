@@ -26,6 +26,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("workers")
     g.add_argument("--worker-urls", nargs="*", default=[], metavar="URL", help="unified servers (non-PD mode)")
+    g.add_argument("--encode", nargs="*", default=[], metavar="URL",
+                   help="EPD encode servers: image requests are encoded there before the language servers")
     g.add_argument("--pd-disaggregation", action="store_true", help="route to prefill/decode pairs")
     g.add_argument("--prefill", action="append", nargs="+", default=[], metavar=("URL", "BOOTSTRAP_PORT"),
                    help=f"prefill server and its bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}, or 'none'); "
@@ -96,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     workers += [WorkerSpec(u, "regular") for u in args.worker_urls]
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
+        encode_urls=tuple(u.rstrip("/") for u in args.encode),
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,
         cache_aware=CacheAwareConfig(
             cache_threshold=args.cache_threshold, balance_abs_threshold=args.balance_abs_threshold,

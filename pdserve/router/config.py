@@ -138,6 +138,7 @@ class RouterConfig:
     max_payload_size: int = 512 * 1024 * 1024
     api_key: str | None = None
     log_level: str = "info"
+    encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")

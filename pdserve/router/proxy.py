@@ -143,7 +143,7 @@ class Proxy:
         try:
             raw = await request.read()
             body = None
-            if self.pd or self.needs_text:
+            if self.pd or self.needs_text or self.config.encode_urls:
                 try:
                     body = payload.parse_object(raw)
                 except payload.BadRequest as e:
@@ -162,6 +162,8 @@ class Proxy:
         while True:
             try:
                 prefill, worker = self._pick(text, excluded)
+                if self.config.encode_urls and body is not None:
+                    raw, body = await self._encode(ep, raw, body)
                 return await self._attempt(request, ep, raw, body, prefill, worker)
             except Failure as f:
                 failure = f
@@ -174,6 +176,22 @@ class Proxy:
             await asyncio.sleep(self._backoff(attempt))
         self.metrics.error(ep.kind, failure.reason)
         return failure.response()
+
+    async def _encode(self, ep: Endpoint, raw: bytes, body: dict) -> tuple[bytes, dict]:
+        """EPD: encode the request's images (every attempt gets a fresh room: encoders drop an embedding
+        once it was fetched) and add the `epd` field the language servers read."""
+        from pdserve.epd import dispatch as epd
+
+        images = epd.extract_images(ep.path, body)
+        if not images:
+            return raw, body
+        try:
+            field = await epd.encode_images(self.session, self.config.encode_urls, images,
+                                            headers=self.registry.auth_headers)
+        except epd.EncodeFailure as f:
+            raise Failure(f.status, f.body(), "application/json", "encode_failed", f.status >= 500) from None
+        body = {**body, "epd": field}
+        return orjson.dumps(body), body
 
     def _backoff(self, attempt: int) -> float:
         r = self.retry
