@@ -99,7 +99,7 @@ class PrefillEngine:
             return None
         self.bootstrapping.pop(st.room, None)
         self._notify(st, TransferDone(st.room, ok=False, error=f"prefill aborted the request: {reason}"))
-        return self._finish_room(req, reason, fail=True)
+        return self._finish_room(req, reason)
 
     def step(self) -> list[RequestOutput]:
         outs = self._handle_control()
@@ -179,7 +179,7 @@ class PrefillEngine:
                     f"bootstrap timeout: no decode server claimed room {room} within "
                     f"{ENVS.disagg_bootstrap_timeout_s:.0f} s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
                 del self.bootstrapping[room]
-                outs.append(self._finish_room(req, reason, fail=True))
+                outs.append(self._finish_room(req, reason))
         for room, (_, t0) in list(self.destinations.items()):
             if t - t0 > ENVS.disagg_bootstrap_timeout_s:
                 del self.destinations[room]
@@ -241,7 +241,7 @@ class PrefillEngine:
                 reason = st.aborted or "KV transfer to the decode server failed"
                 self._notify(st, TransferDone(st.room, ok=False, error=reason))
                 self.engine.scheduler.kv.release(req)
-                outs.append(self._finish_room(req, reason, fail=True))
+                outs.append(self._finish_room(req, reason))
         return outs
 
     def _refuse(self, req: Request, reason: str) -> bool:
@@ -258,7 +258,7 @@ class PrefillEngine:
         if addr:
             self.link.ctrl.send(addr, msg)
 
-    def _finish_room(self, req: Request, reason: str, fail: bool) -> RequestOutput:
+    def _finish_room(self, req: Request, reason: str) -> RequestOutput:
         st: RoomState = req.disagg
         st.state = TransferState.FAILED
         self.room_rid.pop(st.room, None)

@@ -84,6 +84,10 @@ class TransferEngine(abc.ABC):
     @abc.abstractmethod
     def local_info(self) -> AgentInfo: ...
 
+    def check_peer_backend(self, info: AgentInfo) -> None:
+        if info.backend != self.name:
+            raise ValueError(f"peer {info.agent_name!r} uses backend {info.backend!r}, this engine is {self.name!r}")
+
     @abc.abstractmethod
     def add_peer(self, info: AgentInfo) -> None:
         """Idempotent: connect to / load the metadata of a peer so writes to it can start."""

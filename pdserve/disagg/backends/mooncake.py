@@ -123,8 +123,7 @@ class MooncakeTransferEngine(TransferEngine):
         return AgentInfo(self.name, self.agent_name, self._session.encode(), tuple(self.regions))
 
     def add_peer(self, info: AgentInfo) -> None:
-        if info.backend != self.name:
-            raise ValueError(f"peer {info.agent_name!r} uses backend {info.backend!r}, this engine is {self.name!r}")
+        self.check_peer_backend(info)
         with self._lock:
             old = self._peers.get(info.agent_name)
             if old is not None:
