@@ -30,6 +30,8 @@ class Envs:
     disagg_heartbeat_max_failure: int
     disagg_nixl_backend: str
     cache_dir: str
+    disable_cpu_kernels: bool
+    cc: str
     epd_image_max_bytes: int
     epd_image_max_pixels: int
     epd_image_fetch_timeout_s: float
@@ -48,6 +50,8 @@ def _read() -> Envs:
         disagg_heartbeat_max_failure=_int("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", 2),
         disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
         cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
+        disable_cpu_kernels=os.environ.get("PDSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"),
+        cc=os.environ.get("CC", "cc"),
         epd_image_max_bytes=_int("PDSERVE_IMAGE_MAX_BYTES", 20 << 20),
         epd_image_max_pixels=_int("PDSERVE_IMAGE_MAX_PIXELS", 40_000_000),
         epd_image_fetch_timeout_s=_float("PDSERVE_IMAGE_FETCH_TIMEOUT", 10.0),

@@ -80,19 +80,18 @@ class ModelRunner:
             rows = self._rows_to_score(seq, start)
             row_of.append((len(logit_rows), len(rows)) if rows else None)
             logit_rows.extend(rows)
-        table = mask = None
+        table = lens = None
         if sched.decodes:
             ctx = [seq.req.slots[: seq.req.num_computed_tokens + 1] for seq in sched.decodes]
             width = max(len(c) for c in ctx)
             table = torch.tensor([c + [0] * (width - len(c)) for c in ctx], dtype=torch.long, device=dev)  # [B, S]
-            lens = torch.tensor([len(c) for c in ctx], device=dev)
-            mask = (torch.arange(width, device=dev)[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+            lens = torch.tensor([len(c) for c in ctx], dtype=torch.long, device=dev)  # [B]
         meta = AttnMetadata(
             out_slots=torch.tensor(out_slots, dtype=torch.long, device=dev),
             prefills=segments,
             decode_start=len(input_ids) - len(sched.decodes),
             decode_slot_table=table,
-            decode_mask=mask,
+            decode_lens=lens,
         )
         logits = self.model.forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),

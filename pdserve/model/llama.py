@@ -2,6 +2,8 @@
 
 The runner hands in a flat token batch and an `AttnMetadata`; attention writes each new token's K/V into
 its pool slot and reads every request's context through its slot list. No scheduling happens here.
+The per-layer ops (matmuls, norms, rope + KV write, decode attention) come from pdserve/model/ops.py: fp32 CPU
+kernels where they apply, plain torch elsewhere; linear weights are held in whatever form those ops pack.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from pdserve.epd.vlm import language_weight_name, text_config_of
+from pdserve.model.ops import pick_ops
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class AttnMetadata:
     # Batched single-token decodes occupy the flat batch's tail [decode_start:].
     decode_start: int
     decode_slot_table: torch.Tensor | None  # [num_decodes, max_kv_len] int64, padded with slot 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_kv_len] bool, True = attend
+    decode_lens: torch.Tensor | None  # [num_decodes] int64: context length incl. the new token
 
 
 class KVCache:
@@ -96,30 +99,30 @@ class LlamaForCausalLM:
                 raise ValueError(f"weight {name} missing from {hf_dir}")
             return sd[name].to(device=device, dtype=dtype).contiguous()
 
-        # Linear weights are kept transposed ([in, out]): x @ W_t reads them at about twice the memory
-        # bandwidth of F.linear's x @ W.T for small batches on CPU (decode is bandwidth bound).
+        self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
+        self.ops = pick_ops(device, dtype, self.cos, self.sin)
+        pack = self.ops.pack  # takes W_t [in, out]
         self.embed = w("model.embed_tokens.weight")  # [V, H]
         self.norm = w("model.norm.weight")
         tied = a.tie_word_embeddings and "lm_head.weight" not in sd
-        self.lm_head_t = (self.embed if tied else w("lm_head.weight")).t().contiguous()  # [H, V]
+        self.lm_head = pack((self.embed if tied else w("lm_head.weight")).t())  # [H, V]
         self.layers = []
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t().contiguous()  # [H, (nH+2nKV)*D]
+            qkv = pack(torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t())  # [H, (nH+2nKV)*D]
             bias = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if a.qkv_bias else None
-            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).t().contiguous()  # [H, 2I]
+            gate_up = pack(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).t())  # [H, 2I]
             self.layers.append(
                 dict(
                     in_norm=w(p + "input_layernorm.weight"),
                     qkv=qkv,
                     qkv_bias=bias,
-                    o=w(p + "self_attn.o_proj.weight").t().contiguous(),  # [nH*D, H]
+                    o=pack(w(p + "self_attn.o_proj.weight").t()),  # [nH*D, H]
                     post_norm=w(p + "post_attention_layernorm.weight"),
                     gate_up=gate_up,
-                    down=w(p + "mlp.down_proj.weight").t().contiguous(),  # [I, H]
+                    down=pack(w(p + "mlp.down_proj.weight").t()),  # [I, H]
                 )
             )
-        self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
         self.scale = a.head_dim**-0.5
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -136,28 +139,20 @@ class LlamaForCausalLM:
         if embeds_override is not None:
             rows, values = embeds_override
             x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
-        cos = self.cos[positions].to(self.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].to(self.dtype).unsqueeze(1)
-        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        ops = self.ops
+        rope = ops.rope_inputs(positions)
         for li, L in enumerate(self.layers):
-            h = F.rms_norm(x, (a.hidden_size,), L["in_norm"], a.rms_norm_eps)
-            qkv = h @ L["qkv"]  # [T, (nH+2nKV)*D]
-            if L["qkv_bias"] is not None:
-                qkv = qkv + L["qkv_bias"]
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = _rope(q.view(-1, a.num_heads, a.head_dim), cos, sin)  # [T, nH, D]
-            k = _rope(k.view(-1, a.num_kv_heads, a.head_dim), cos, sin)  # [T, nKV, D]
-            v = v.view(-1, a.num_kv_heads, a.head_dim)
-            kv.k[li].index_copy_(0, meta.out_slots, k)
-            kv.v[li].index_copy_(0, meta.out_slots, v)
+            h = ops.rmsnorm(x, L["in_norm"], a.rms_norm_eps)
+            qkv = ops.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
+            q = ops.rope_store(qkv, rope, a.num_heads, a.num_kv_heads, a.head_dim, meta.out_slots, kv.k[li],
+                               kv.v[li])  # [T, nH, D]; k, v written to the pool
             o = self._attention(q, kv.k[li], kv.v[li], meta)  # [T, nH*D]
-            x = x + o @ L["o"]
-            h = F.rms_norm(x, (a.hidden_size,), L["post_norm"], a.rms_norm_eps)
-            gate, up = (h @ L["gate_up"]).chunk(2, dim=-1)  # [T, I] each
-            x = x + (F.silu(gate) * up) @ L["down"]
+            x = ops.linear(o, L["o"], add=x)
+            h = ops.rmsnorm(x, L["post_norm"], a.rms_norm_eps)
+            x = ops.linear(ops.silu_mul(ops.linear(h, L["gate_up"])), L["down"], add=x)  # gate_up: [T, 2I]
         x = x.index_select(0, logits_idx)
-        x = F.rms_norm(x, (a.hidden_size,), self.norm, a.rms_norm_eps)
-        return (x @ self.lm_head_t).float()  # [N, V]
+        x = ops.rmsnorm(x, self.norm, a.rms_norm_eps)
+        return ops.linear(x, self.lm_head).float()  # [N, V]
 
     def _attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttnMetadata):
         a = self.arch
@@ -175,20 +170,10 @@ class LlamaForCausalLM:
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[seg.q_start : seg.q_start + seg.q_len] = o.squeeze(0).transpose(0, 1)
         if meta.decode_slot_table is not None:
-            table = meta.decode_slot_table  # [B, S]
-            b, s = table.shape
-            qd = q[meta.decode_start :].unsqueeze(2)  # [B, nH, 1, D]
-            kd = k_pool.index_select(0, table.view(-1)).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            vd = v_pool.index_select(0, table.view(-1)).view(b, s, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale,
-                                               enable_gqa=True)  # [B, nH, 1, D]
-            out[meta.decode_start :] = o.squeeze(2)
+            o = self.ops.decode_attention(q[meta.decode_start :], k_pool, v_pool, meta.decode_slot_table,
+                                          meta.decode_lens, self.scale)  # [B, nH*D]
+            out[meta.decode_start :] = o.view(-1, a.num_heads, a.head_dim)
         return out.view(q.shape[0], -1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def _rope_tables(cfg: dict, a: LlamaArch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

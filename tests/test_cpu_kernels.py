@@ -1,0 +1,80 @@
+"""The fp32 CPU kernels (pdserve/model/cpu_kernels.c) against the plain torch ops they replace."""
+
+import pytest
+import torch
+
+from pdserve.model import cpu_kernels
+from pdserve.model.ops import KernelOps, TorchOps
+
+KERNELS = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(KERNELS is None, reason="no C compiler: the torch path runs instead")
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_POS = 6, 2, 64, 256
+
+
+@pytest.fixture(scope="module")
+def ops() -> tuple[TorchOps, KernelOps]:
+    g = torch.Generator().manual_seed(0)
+    cos, sin = torch.rand(MAX_POS, HEAD_DIM, generator=g), torch.rand(MAX_POS, HEAD_DIM, generator=g)
+    return TorchOps(cos, sin, torch.float32), KernelOps(KERNELS, cos, sin)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("k,n", [(64, 96), (100, 70), (576, 960)])  # 70: a partial last panel
+def test_linear_matches_matmul(ops, m, k, n):
+    ref_ops, kern = ops
+    x, w_t, bias = torch.randn(m, k), torch.randn(k, n), torch.randn(n)
+    packed = kern.pack(w_t)
+    torch.testing.assert_close(kern.linear(x, packed), x @ w_t, rtol=1e-4, atol=1e-4)
+    add = torch.randn(m, n)
+    want = ref_ops.linear(x, w_t, bias, add.clone())
+    got = kern.linear(x, packed, bias, add)  # in place into add
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.data_ptr() == add.data_ptr()
+
+
+def test_linear_is_batch_invariant(ops):
+    """A row's result does not depend on which other rows share the batch (same k order for any M)."""
+    _, kern = ops
+    x, packed = torch.randn(11, 576), kern.pack(torch.randn(576, 320))
+    alone = torch.cat([kern.linear(x[i : i + 1], packed) for i in range(11)])
+    assert torch.equal(kern.linear(x, packed), alone)
+
+
+def test_rmsnorm_and_silu_mul(ops):
+    ref_ops, kern = ops
+    x, w = torch.randn(5, 576), torch.randn(576)
+    torch.testing.assert_close(kern.rmsnorm(x, w, 1e-5), ref_ops.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
+    gu = torch.randn(5, 2 * 1536)
+    torch.testing.assert_close(kern.silu_mul(gu), ref_ops.silu_mul(gu), rtol=1e-5, atol=1e-5)
+
+
+def _pools(num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.zeros(num_slots, NUM_KV_HEADS, HEAD_DIM), torch.zeros(num_slots, NUM_KV_HEADS, HEAD_DIM))
+
+
+def test_rope_store_writes_the_same_pool(ops):
+    ref_ops, kern = ops
+    t = 7
+    qkv = torch.randn(t, (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM)
+    positions, slots = torch.tensor([0, 1, 2, 50, 51, 200, 255]), torch.tensor([3, 9, 4, 12, 1, 7, 15])
+    results = []
+    for o in (ref_ops, kern):
+        k_pool, v_pool = _pools(16)
+        q = o.rope_store(qkv, o.rope_inputs(positions), NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, slots, k_pool, v_pool)
+        results.append((q, k_pool, v_pool))
+    for want, got in zip(results[0], results[1]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reads_the_pool_in_place(ops):
+    ref_ops, kern = ops
+    k_pool, v_pool = torch.randn(40, NUM_KV_HEADS, HEAD_DIM), torch.randn(40, NUM_KV_HEADS, HEAD_DIM)
+    lens = torch.tensor([1, 5, 17])
+    table = torch.zeros(3, 17, dtype=torch.long)  # padded with slot 0
+    for b, n in enumerate(lens.tolist()):
+        table[b, :n] = torch.randperm(39)[:n] + 1
+    q = torch.randn(3, NUM_HEADS, HEAD_DIM)
+    want = ref_ops.decode_attention(q, k_pool, v_pool, table, lens, HEAD_DIM**-0.5)
+    got = kern.decode_attention(q, k_pool, v_pool, table, lens, HEAD_DIM**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
