@@ -58,10 +58,13 @@ def main() -> None:
     ap.add_argument("--slo-tpot-ms", type=float, default=150)
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--output-file", default=None)
+    ap.add_argument("--only", choices=["unified", "pd"], default=None, help="run one deployment, not both")
     a = ap.parse_args()
     results = {}
     logs = tempfile.mkdtemp(prefix="pd-vs-unified-")
     for label, unified in (("unified (2 cores, chunked)", True), (f"PD 1P+1D ({a.backend})", False)):
+        if a.only and a.only != ("unified" if unified else "pd"):
+            continue
         dep, url = start(unified, a.backend, os.path.join(logs, "unified" if unified else "pd"))
         try:
             results.update(asyncio.run(run_benchmarks({label: workload(url, label, a)})))

@@ -80,20 +80,29 @@ void pd_pack(const float* w_t, int64_t K, int64_t N, int64_t ws, float* P) {
     }
 }
 
+#define L2_X_BYTES (512 * 1024) /* rows of x per block: they stay in this core's L2 for every panel */
+
 // y [M, N] (row stride ys) = x [M, K] (row stride xs) @ W (+ bias [N]) (+ add [M, N], row stride as).
-// add may alias y (in-place residual add).
+// add may alias y (in-place residual add). Large M runs in row blocks that fit L2, so a long prefill does
+// not stream x from L3/DRAM once per panel (which would also slow a decode server sharing the memory bus).
 void pd_linear(const float* x, int64_t M, int64_t K, int64_t xs, const float* P, int64_t N, float* y,
                int64_t ys, const float* bias, const float* add, int64_t as) {
     int64_t np = (N + PW - 1) / PW;
-#pragma omp parallel for schedule(static)
-    for (int64_t pi = 0; pi < np; pi++) {
-        int64_t n0 = pi * PW;
-        int cols = (int)(N - n0 < PW ? N - n0 : PW);
-        const float* p = P + pi * K * PW;
-        for (int64_t m0 = 0; m0 < M; m0 += MT_MAX) {
-            int mt = (int)(M - m0 < MT_MAX ? M - m0 : MT_MAX);
-            MICROS[mt](x + m0 * xs, xs, K, p, y + m0 * ys + n0, ys, cols, bias ? bias + n0 : 0,
-                       add ? add + m0 * as + n0 : 0, as);
+    int64_t mc = L2_X_BYTES / (K * (int64_t)sizeof(float)) / MT_MAX * MT_MAX;
+    if (mc < MT_MAX) mc = MT_MAX;
+#pragma omp parallel
+    for (int64_t b0 = 0; b0 < M; b0 += mc) {
+        int64_t b1 = b0 + mc < M ? b0 + mc : M;
+#pragma omp for schedule(guided) /* guided: a thread the OS delays does not hold back half the panels */
+        for (int64_t pi = 0; pi < np; pi++) {
+            int64_t n0 = pi * PW;
+            int cols = (int)(N - n0 < PW ? N - n0 : PW);
+            const float* p = P + pi * K * PW;
+            for (int64_t m0 = b0; m0 < b1; m0 += MT_MAX) {
+                int mt = (int)(b1 - m0 < MT_MAX ? b1 - m0 : MT_MAX);
+                MICROS[mt](x + m0 * xs, xs, K, p, y + m0 * ys + n0, ys, cols, bias ? bias + n0 : 0,
+                           add ? add + m0 * as + n0 : 0, as);
+            }
         }
     }
 }
@@ -145,44 +154,91 @@ void pd_rope_store(const float* qkv, int64_t T, const int64_t* positions, const 
     }
 }
 
+// q . k over D elements, 16 lanes at a time (a fixed order: the same for every batch).
+static inline float dot(const float* q, const float* k, int64_t D) {
+    v16 acc = {0};
+    int64_t e = 0;
+    for (; e + 16 <= D; e += 16) acc += ld(q + e) * ld(k + e);
+    float lanes[16], d = 0.f;
+    st(lanes, acc);
+    for (int i = 0; i < 16; i++) d += lanes[i];
+    for (; e < D; e++) d += q[e] * k[e];
+    return d;
+}
+
+#define ATT_CHUNK 256 /* context tokens per task; partial softmaxes are merged after (flash-decoding) */
+#define ATT_MAX_HEADS 64 /* cpu_kernels.py sends larger head counts to the torch path */
+
+// One task: heads of sequence b over context tokens [j0, j1). Writes per head: max score, sum of
+// exp(score - max), and the unnormalised output sum [D], reading each K/V row once for all heads.
+static void attend_chunk(const float* q, int64_t nH, int64_t nKV, int64_t D, const float* k_pool,
+                         const float* v_pool, const int64_t* slots, int64_t j0, int64_t j1, float scale,
+                         float* part /* [nH, D + 2] */) {
+    int64_t G = nH / nKV, n = j1 - j0, row = nKV * D;
+    float sc[ATT_MAX_HEADS * ATT_CHUNK];
+    for (int64_t j = 0; j < n; j++) {
+        const float* kr = k_pool + slots[j0 + j] * row;
+        for (int64_t h = 0; h < nH; h++) sc[h * n + j] = dot(q + h * D, kr + (h / G) * D, D) * scale;
+    }
+    for (int64_t h = 0; h < nH; h++) {
+        float* s = sc + h * n;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
+        for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
+        float* p = part + h * (D + 2);
+        p[0] = mx;
+        p[1] = sum;
+        memset(p + 2, 0, D * sizeof(float));
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const float* vr = v_pool + slots[j0 + j] * row;
+        for (int64_t h = 0; h < nH; h++) {
+            float w = sc[h * n + j], *restrict o = part + h * (D + 2) + 2;
+            const float* restrict v = vr + (h / G) * D;
+            for (int64_t e = 0; e < D; e++) o[e] += w * v[e];
+        }
+    }
+}
+
 // One token per sequence: out [B, nH * D] = softmax(q K^T * scale) V over the first lens[b] slots of
-// slot_table [B, S]; K and V are read in place from the pools [num_slots, nKV, D] (no gather).
+// slot_table [B, S]; K and V are read in place from the pools [num_slots, nKV, D] (no gather). Tasks are
+// (sequence, chunk of ATT_CHUNK tokens); chunking depends on the length only, never on the batch.
 void pd_decode_attention(const float* q, int64_t B, int64_t nH, int64_t nKV, int64_t D, const float* k_pool,
                          const float* v_pool, const int64_t* slot_table, int64_t S, const int64_t* lens,
                          float scale, float* out) {
-    int64_t G = nH / nKV;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t bg = 0; bg < B * nKV; bg++) {
-        int64_t b = bg / nKV, g = bg % nKV, L = lens[b];
-        const int64_t* slots = slot_table + b * S;
-        float* sc = (float*)malloc(sizeof(float) * G * (L > 0 ? L : 1));
-        for (int64_t j = 0; j < L; j++) {
-            const float* kr = k_pool + (slots[j] * nKV + g) * D;
-            for (int64_t i = 0; i < G; i++) {
-                const float* qr = q + (b * nH + g * G + i) * D;
-                float d = 0.f;
-                for (int64_t e = 0; e < D; e++) d += qr[e] * kr[e];
-                sc[i * L + j] = d * scale;
-            }
+    int64_t* first = (int64_t*)malloc(sizeof(int64_t) * (B + 1));  // first task of each sequence
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + (lens[b] + ATT_CHUNK - 1) / ATT_CHUNK;
+    int64_t num_tasks = first[B], part_len = nH * (D + 2);
+    float* parts = (float*)malloc(sizeof(float) * (num_tasks > 0 ? num_tasks : 1) * part_len);
+#pragma omp parallel
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < num_tasks; t++) {
+            int64_t b = 0;
+            while (first[b + 1] <= t) b++;
+            int64_t j0 = (t - first[b]) * ATT_CHUNK, j1 = j0 + ATT_CHUNK < lens[b] ? j0 + ATT_CHUNK : lens[b];
+            attend_chunk(q + b * nH * D, nH, nKV, D, k_pool, v_pool, slot_table + b * S, j0, j1, scale,
+                         parts + t * part_len);
         }
-        for (int64_t i = 0; i < G; i++) {
-            float* s = sc + i * L;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * nH; bh++) {
+            int64_t b = bh / nH, h = bh % nH;
+            float* o = out + bh * D;
             float mx = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < L; j++) mx = s[j] > mx ? s[j] : mx;
-            for (int64_t j = 0; j < L; j++) sum += (s[j] = expf(s[j] - mx));
-            float inv = 1.0f / sum;
-            for (int64_t j = 0; j < L; j++) s[j] *= inv;
-            float* o = out + (b * nH + g * G + i) * D;
+            for (int64_t t = first[b]; t < first[b + 1]; t++) mx = parts[t * part_len + h * (D + 2)] > mx ?
+                                                                   parts[t * part_len + h * (D + 2)] : mx;
             memset(o, 0, D * sizeof(float));
-        }
-        for (int64_t j = 0; j < L; j++) {
-            const float* vr = v_pool + (slots[j] * nKV + g) * D;
-            for (int64_t i = 0; i < G; i++) {
-                float p = sc[i * L + j];
-                float* o = out + (b * nH + g * G + i) * D;
-                for (int64_t e = 0; e < D; e++) o[e] += p * vr[e];
+            for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                const float* p = parts + t * part_len + h * (D + 2);
+                float w = expf(p[0] - mx);
+                sum += p[1] * w;
+                for (int64_t e = 0; e < D; e++) o[e] += w * p[2 + e];
             }
+            float inv = 1.0f / sum;
+            for (int64_t e = 0; e < D; e++) o[e] *= inv;
         }
-        free(sc);
     }
+    free(parts);
+    free(first);
 }

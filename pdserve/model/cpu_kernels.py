@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
 PANEL_WIDTH = 32  # PW in cpu_kernels.c
+ATT_MAX_HEADS = 64  # ATT_MAX_HEADS in cpu_kernels.c
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {

@@ -93,6 +93,8 @@ class KernelOps(TorchOps):
                                  out_slots, k_pool, v_pool)
 
     def decode_attention(self, q, k_pool, v_pool, slot_table, lens, scale):
+        if q.shape[1] > cpu_kernels.ATT_MAX_HEADS:
+            return super().decode_attention(q, k_pool, v_pool, slot_table, lens, scale)
         return self.k.decode_attention(q.contiguous(), k_pool, v_pool, slot_table, lens, scale)
 
 
