@@ -168,6 +168,14 @@ class MiniLoadBalancer:
         return app
 
 
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop  # a faster event loop (requirements.txt); asyncio's own without it
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pdserve.mini_lb", description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefill", nargs="+", default=[], metavar="URL")
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     lb = MiniLoadBalancer([(u.rstrip("/"), p) for u, p in zip(args.prefill, parsed)],
                           [u.rstrip("/") for u in args.decode], [u.rstrip("/") for u in args.encode],
                           [u.rstrip("/") for u in args.text])
-    web.run_app(lb.app(), host=args.host, port=args.port, access_log=None)
+    web.run_app(lb.app(), host=args.host, port=args.port, access_log=None, loop=_event_loop())
     return 0
 
 

@@ -3,7 +3,8 @@
 PD mode sends the same body (with bootstrap fields) to a prefill and a decode at once and answers with the
 decode's response. Both legs run as tasks; when the prefill fails, a done-callback cancels the decode leg (or
 closes its connection while relaying), and when the decode fails, the prefill leg is cancelled: no leg waits for
-a timeout. Closing an upstream connection makes the worker abort the request."""
+a timeout. Closing an upstream connection makes the worker abort the request. Upstream requests go through
+upstream.UpstreamClient (keep-alive pools; aiohttp's client cost several times the CPU per request)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from pdserve.router import payload
 from pdserve.router.config import RetryConfig, RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
+from pdserve.router.upstream import Response, UpstreamClient, UpstreamError
 from pdserve.router.workers import Worker, WorkerRegistry
 from pdserve.server.errors import error_body
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_NET_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_NET_ERRORS = (UpstreamError, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 _JSON = "application/json"
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -85,7 +87,7 @@ class _Link:
 
     def __init__(self) -> None:
         self.d_task: asyncio.Task | None = None
-        self.d_resp: aiohttp.ClientResponse | None = None
+        self.d_resp: Response | None = None
         self.p_failure: Failure | None = None
 
     def on_prefill_done(self, task: asyncio.Task) -> None:
@@ -131,8 +133,8 @@ class Proxy:
         self.needs_text = decode_policy.needs_text or (self.pd and prefill_policy.needs_text)
         self.retry = config.retry
         self.budget = RetryBudget(config.retry)
-        self.session: aiohttp.ClientSession | None = None
-        self.headers = {"Content-Type": _JSON, **registry.auth_headers}
+        self.session: aiohttp.ClientSession | None = None  # EPD encode calls
+        self.client: UpstreamClient | None = None  # generation, info and control calls
         self._background: set[asyncio.Task] = set()
 
     # ---- entry point -----------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ class Proxy:
         merge = prefill is not None and payload.wants_input_logprobs(ep.kind, body)  # type: ignore[arg-type]
         link = _Link()
         p_task = None
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         clean = False
         t0 = time.perf_counter()
         worker.inflight += 1
@@ -252,7 +254,7 @@ class Proxy:
                 with contextlib.suppress(Failure):
                     chunk = payload.merge_input_logprobs(await p_task, chunk)  # type: ignore[misc]
             return web.Response(body=chunk, status=resp.status,
-                                headers={"Content-Type": resp.headers.get("Content-Type", _JSON)})
+                                headers={"Content-Type": resp.header("content-type", _JSON)})
         finally:
             worker.inflight -= 1
             worker.counters.duration.observe(time.perf_counter() - t0)
@@ -274,11 +276,11 @@ class Proxy:
         if not task.cancelled():
             task.exception()  # retrieved: a late prefill failure after a complete answer is not an error
 
-    async def _open(self, w: Worker, path: str, data: bytes) -> aiohttp.ClientResponse:
+    async def _open(self, w: Worker, path: str, data: bytes) -> Response:
         """POST; the response once its headers arrived. Error statuses raise Failure (body read)."""
-        assert self.session is not None
+        assert self.client is not None
         try:
-            resp = await self.session.post(w.url_for(path), data=data, headers=self.headers)
+            resp = await self.client.request(w.url, "POST", path, data)
         except _NET_ERRORS as e:
             self.registry.record(w, False, str(e))
             raise Failure.network(w, e, "to connect") from None
@@ -291,16 +293,16 @@ class Proxy:
         finally:
             resp.release()
         self.registry.record(w, resp.status < 500, f"answered {resp.status}")
-        raise Failure.answered(w, resp.status, body, resp.headers.get("Content-Type", _JSON))
+        raise Failure.answered(w, resp.status, body, resp.header("content-type", _JSON))
 
-    async def _head(self, w: Worker, path: str, data: bytes) -> tuple[aiohttp.ClientResponse, bytes, bool]:
+    async def _head(self, w: Worker, path: str, data: bytes) -> tuple[Response, bytes, bool]:
         """The decode (or only) leg up to the point of no return: (response, body or first SSE chunk, streaming).
         Failures before it (status, connection, an SSE error event as first chunk) raise Failure."""
         resp = await self._open(w, path, data)
         try:
             if resp.content_type != "text/event-stream":
                 return resp, await resp.read(), False
-            first = await resp.content.readany()
+            first = await resp.readany()
         except _NET_ERRORS as e:
             resp.close()
             self.registry.record(w, False, str(e))
@@ -347,7 +349,7 @@ class Proxy:
                 resp.close()  # no-op once fully read; else (cancelled) drops the connection: the worker aborts
 
     # ---- streaming -------------------------------------------------------------------------------------
-    async def _relay(self, request: web.Request, w: Worker, resp: aiohttp.ClientResponse, first: bytes,
+    async def _relay(self, request: web.Request, w: Worker, resp: Response, first: bytes,
                      merge_with: asyncio.Task | None, link: _Link) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE answer chunk by chunk (the first chunk was awaited before the client got headers, so
         that a failure up to then could still be retried). Returns (response, whether it ended cleanly)."""
@@ -357,14 +359,14 @@ class Proxy:
                 merger = payload.StreamLogprobMerger(await merge_with)
             first = merger.feed(first) if merger else first
         out = web.StreamResponse(status=resp.status, headers={
-            "Content-Type": resp.headers.get("Content-Type", "text/event-stream"), **_SSE_HEADERS})
+            "Content-Type": resp.header("content-type", "text/event-stream"), **_SSE_HEADERS})
         try:
             await out.prepare(request)
             if first:
                 await out.write(first)
             while True:
                 try:
-                    chunk = await resp.content.readany()
+                    chunk = await resp.readany()
                 except _NET_ERRORS as e:
                     if link.p_failure is not None:  # the prefill failed after the stream began
                         f = link.p_failure
@@ -399,11 +401,13 @@ class Proxy:
                    timeout: float = 30.0) -> tuple[int, bytes, str]:
         """One request to one worker: (status, body, content type); status 502/504 with an error body when it
         cannot be reached."""
-        assert self.session is not None
+        assert self.client is not None
         try:
-            async with self.session.request(method, w.url + path, data=data, headers=self.headers,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as r:
-                return r.status, await r.read(), r.headers.get("Content-Type", _JSON)
+            r = await self.client.request(w.url, method, path, data, timeout)
+            try:
+                return r.status, await r.read(), r.header("content-type", _JSON)
+            finally:
+                r.release()
         except _NET_ERRORS as e:
             f = Failure.network(w, e, f"on {path}")
             return f.status, f.body, f.content_type

@@ -21,11 +21,10 @@ def run_router(config: RouterConfig) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
     try:
-        import uvloop  # optional: a faster event loop when installed
-
-        return uvloop.run(serve(config))
+        import uvloop  # a faster event loop (requirements.txt); asyncio's own without it
     except ImportError:
         return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
 
 
 async def serve(config: RouterConfig) -> int:

@@ -12,7 +12,8 @@ from pdserve.router.config import RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import make_policy
 from pdserve.router.proxy import Proxy
-from pdserve.router.workers import WorkerRegistry
+from pdserve.router.upstream import UpstreamClient
+from pdserve.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +35,16 @@ class RouterState:
             self.policies = [self.decode_policy]
         self.proxy = Proxy(config, self.registry, self.metrics, self.prefill_policy, self.decode_policy)
         self.registry.on_remove(lambda w: [p.remove_worker(w.url) for p in self.policies])
+        self.registry.on_remove(self._drop_connections)
         for spec in config.workers:
             self.registry.add(spec)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # health, load polls, EPD encode calls
+        self.client: UpstreamClient | None = None  # generation, info and control calls (the hot path)
         self._tasks: list[asyncio.Task] = []
+
+    def _drop_connections(self, w: Worker) -> None:
+        if self.client is not None:
+            self.client.forget(w.url)
 
     async def start(self) -> None:
         """Open the upstream session, run one round of health checks, start the background loops."""
@@ -48,6 +55,8 @@ class RouterState:
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                              skip_auto_headers=("User-Agent",), cookie_jar=aiohttp.DummyCookieJar())
         self.registry.session = self.proxy.session = self.session
+        self.client = self.proxy.client = UpstreamClient(self.config.connect_timeout_s, self.config.request_timeout_s,
+                                                         self.registry.auth_headers)
         await self.registry.check_all()
         loops = []
         if self.config.health.enabled:
@@ -76,5 +85,7 @@ class RouterState:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.client is not None:
+            self.client.close()
         if self.session is not None:
             await self.session.close()

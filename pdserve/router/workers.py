@@ -9,11 +9,10 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from pdserve.router.config import (
     BreakerConfig, HealthConfig, RouterConfig, WorkerSpec, bootstrap_host_of, normalize_url,
@@ -85,7 +84,6 @@ class Worker:
     polled_load: int | None = None  # num_reqs + num_waiting_reqs at the last /get_load poll
     inflight_at_poll: int = 0
     last_error: str | None = None
-    urls: dict[str, URL] = field(default_factory=dict)  # path -> parsed URL (parsing per request is not free)
 
     @property
     def url(self) -> str:
@@ -98,12 +96,6 @@ class Worker:
     @property
     def bootstrap_port(self) -> int | None:
         return self.spec.bootstrap_port
-
-    def url_for(self, path: str) -> URL:
-        u = self.urls.get(path)
-        if u is None:
-            u = self.urls[path] = URL(self.spec.url + path, encoded=True)
-        return u
 
     def load(self) -> int:
         """Requests on the worker: the last polled value plus what this router sent (minus finished) since."""
