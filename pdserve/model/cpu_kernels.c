@@ -155,15 +155,57 @@ void pd_rope_store(const float* qkv, int64_t T, const int64_t* positions, const 
 }
 
 // q . k over D elements, 16 lanes at a time (a fixed order: the same for every batch).
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// Sum of the 16 lanes by halving (a fixed order).
+static inline float hsum(v16 a) {
+    a += __builtin_shuffle(a, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a += __builtin_shuffle(a, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    a += __builtin_shuffle(a, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    a += __builtin_shuffle(a, (v16i){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+    return a[0];
+}
+
 static inline float dot(const float* q, const float* k, int64_t D) {
     v16 acc = {0};
     int64_t e = 0;
     for (; e + 16 <= D; e += 16) acc += ld(q + e) * ld(k + e);
-    float lanes[16], d = 0.f;
-    st(lanes, acc);
-    for (int i = 0; i < 16; i++) d += lanes[i];
+    float d = hsum(acc);
     for (; e < D; e++) d += q[e] * k[e];
     return d;
+}
+
+// exp(x) for x <= 0, 16 lanes: 2^n * p(r) with r = x - n ln2 (Cody-Waite) and a degree-6 polynomial
+// (within 2 ulp of expf); exp of x < -87 flushes to 0.
+static inline v16 exp_neg(v16 x) {
+    const v16i under = x < -87.0f;  // lanes that flush to 0 (all ones where true)
+    x = (v16)(((v16i)x & ~under) | ((v16i)((v16){0} - 87.0f) & under));
+    v16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = 1.0f / 720 + r * 0;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16 y = p * (v16)bits;
+    return (v16)((v16i)y & ~under);
+}
+
+// s[j] = exp(s[j] - mx) for j < n; returns their sum (lanes summed in a fixed order).
+static inline float exp_sum(float* s, int64_t n, float mx) {
+    v16 acc = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        v16 e = exp_neg(ld(s + j) - mx);
+        st(s + j, e);
+        acc += e;
+    }
+    float sum = hsum(acc);
+    for (; j < n; j++) sum += (s[j] = expf(s[j] - mx));
+    return sum;
 }
 
 #define ATT_CHUNK 256 /* context tokens per task; partial softmaxes are merged after (flash-decoding) */
@@ -184,7 +226,7 @@ static void attend_chunk(const float* q, int64_t nH, int64_t nKV, int64_t D, con
         float* s = sc + h * n;
         float mx = -INFINITY, sum = 0.f;
         for (int64_t j = 0; j < n; j++) mx = s[j] > mx ? s[j] : mx;
-        for (int64_t j = 0; j < n; j++) sum += (s[j] = expf(s[j] - mx));
+        sum = exp_sum(s, n, mx);
         float* p = part + h * (D + 2);
         p[0] = mx;
         p[1] = sum;
