@@ -318,7 +318,7 @@ async def main_async(args: argparse.Namespace) -> None:
         for w, n, p50, p99, a50, a99, rps_ in rows:
             add = ("", "") if n == "direct" else (f"{a50:+.3f}", f"{a99:+.3f}")
             print(f"{w:<8} {n:<9} {p50:8.3f} {p99:8.3f} {add[0]:>8} {add[1]:>8} {rps_:8.0f}")
-        print("\nmodels: GET /v1/models (smg answers it from its own registry, pdserve asks a worker); stub: POST "
+        print("\nmodels: GET /v1/models (smg answers it from its own registry; pdserve reuses a worker's answer for 5 s); stub: POST "
               "/generate to instant stub workers; gen1: POST /generate, max_new_tokens=1, real prefill + decode. "
               "direct = the client sends to prefill and decode itself, as a PD router does.")
     finally:
