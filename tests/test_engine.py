@@ -22,7 +22,7 @@ def assert_pool_free(engine: Engine) -> None:
     assert engine.flush_cache()
     alloc = engine.scheduler.kv.allocator
     assert alloc.num_free == alloc.size
-    assert sorted(alloc._free) == list(range(1, alloc.size + 1))  # no slot lost or duplicated
+    assert alloc.free_runs() == [(1, alloc.size + 1)]  # no slot lost or duplicated
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,83 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 
 class KVSlotAllocator:
-    """Slot 0 is reserved as padding for batched decode tables; slots 1..size are allocatable."""
+    """Slot 0 is reserved as padding for batched decode tables; slots 1..size are allocatable.
+
+    Free slots are kept as sorted, coalesced runs [start, end). An allocation takes the first run that holds
+    it whole, so a prompt's KV lands in one contiguous run whenever the pool has one (transfers and attention
+    read contiguous slots several times faster); single-slot decode growth fills the lowest holes first,
+    which keeps the long runs at the top free for the next prompt. When no run fits, the lowest runs are used.
+    """
 
     def __init__(self, size: int):
         self.size = size
-        self._free: list[int] = list(range(size, 0, -1))  # pop() hands out low slots first
+        self._starts: list[int] = [1] if size > 0 else []
+        self._ends: list[int] = [size + 1] if size > 0 else []
+        self._num_free = size
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The free runs [start, end), lowest first (a fully free pool: [(1, size + 1)])."""
+        return list(zip(self._starts, self._ends))
 
     def alloc(self, n: int) -> list[int] | None:
-        if n > len(self._free):
+        if n > self._num_free:
             return None
         if n == 0:
             return []
-        out = self._free[-n:]
-        del self._free[-n:]
-        out.reverse()
+        starts, ends = self._starts, self._ends
+        for i in range(len(starts)):
+            if ends[i] - starts[i] >= n:
+                return self._take(i, n)
+        out: list[int] = []
+        while len(out) < n:  # no run fits: lowest runs first
+            out += self._take(0, min(n - len(out), ends[0] - starts[0]))
         return out
 
+    def _take(self, i: int, n: int) -> list[int]:
+        s = self._starts[i]
+        if self._ends[i] - s == n:
+            del self._starts[i], self._ends[i]
+        else:
+            self._starts[i] = s + n
+        self._num_free -= n
+        return list(range(s, s + n))
+
     def free(self, slots: list[int]) -> None:
-        self._free.extend(reversed(slots))
+        if not slots:
+            return
+        ordered = sorted(slots)
+        run_start = prev = ordered[0]
+        for s in ordered[1:]:
+            if s != prev + 1:
+                self._free_run(run_start, prev + 1)
+                run_start = s
+            prev = s
+        self._free_run(run_start, prev + 1)
+
+    def _free_run(self, a: int, b: int) -> None:
+        """Return [a, b) to the free runs, merging with its neighbours."""
+        starts, ends = self._starts, self._ends
+        i = bisect_left(starts, a)
+        if (i > 0 and ends[i - 1] > a) or (i < len(starts) and starts[i] < b):
+            raise ValueError(f"KV slots [{a}, {b}) freed twice")
+        self._num_free += b - a
+        joins_prev = i > 0 and ends[i - 1] == a
+        joins_next = i < len(starts) and starts[i] == b
+        if joins_prev and joins_next:
+            ends[i - 1] = ends[i]
+            del starts[i], ends[i]
+        elif joins_prev:
+            ends[i - 1] = b
+        elif joins_next:
+            starts[i] = a
+        else:
+            starts.insert(i, a)
+            ends.insert(i, b)
