@@ -22,6 +22,7 @@ from functools import lru_cache
 import torch
 
 from pdserve.envs import ENVS
+from pdserve.model.host_memory import host_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class CpuKernels:
     def pack(self, w_t: torch.Tensor) -> PackedLinear:
         k, n = w_t.shape  # [K, N]
         w_t = w_t.contiguous()
-        panels = torch.empty(((n + PANEL_WIDTH - 1) // PANEL_WIDTH, k, PANEL_WIDTH), dtype=torch.float32)
+        panels = host_zeros(((n + PANEL_WIDTH - 1) // PANEL_WIDTH, k, PANEL_WIDTH), torch.float32)
         self.lib.pd_pack(w_t.data_ptr(), k, n, n, panels.data_ptr())
         return PackedLinear(panels, k, n)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from pdserve.epd.vlm import language_weight_name, text_config_of
+from pdserve.model.host_memory import host_zeros
 from pdserve.model.ops import pick_ops
 
 
@@ -77,8 +78,14 @@ class KVCache:
 
     def __init__(self, arch: LlamaArch, num_slots: int, dtype: torch.dtype, device: torch.device):
         shape = (num_slots, arch.num_kv_heads, arch.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+
+        def zeros() -> torch.Tensor:
+            if device.type == "cpu":
+                return host_zeros(shape, dtype)  # huge pages where the kernel allows them
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.k = [zeros() for _ in range(arch.num_layers)]
+        self.v = [zeros() for _ in range(arch.num_layers)]
         self.num_slots = num_slots
 
     def bytes_per_token(self) -> int:
