@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/engine_throughput.py [--model-path P] [--threads 2] [--skip-hf]
 
-Prints prefill tokens/s (512-token prompt), single-stream decode tokens/s (128 new tokens) and total
+Prints prefill tokens/s (512-token prompt; median of 3 after one untimed run), single-stream decode tokens/s (128 new tokens) and total
 tokens/s for 32 concurrent requests with 128 new tokens each.
 """
 
@@ -27,6 +27,17 @@ def long_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
+def median_rate(num_tokens: int, run, repeats: int = 3) -> float:
+    """Tokens/s of the median of `repeats` timed runs, after one untimed run (first-touch allocations)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return num_tokens / sorted(times)[len(times) // 2]
+
+
 def bench_pdserve(args, dtype: str = "float32") -> dict[str, float]:
     eng = Engine(EngineConfig(model=ModelConfig(model_path=args.model_path, dtype=dtype), max_total_tokens=16384,
                               chunked_prefill_size=-1, max_prefill_tokens=8192, disable_radix_cache=True,
@@ -34,9 +45,8 @@ def bench_pdserve(args, dtype: str = "float32") -> dict[str, float]:
     tok = eng.tokenizer
     eng.generate(["warm up"], SamplingParams(max_new_tokens=4, temperature=0))
     prompt = long_prompt(tok, 512)
-    t = time.perf_counter()
-    eng.generate([prompt], SamplingParams(max_new_tokens=1, temperature=0))
-    prefill = 512 / (time.perf_counter() - t)
+    one = SamplingParams(max_new_tokens=1, temperature=0)
+    prefill = median_rate(512, lambda: eng.generate([prompt], one))
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()
     eng.generate(["Once upon a time"], sp)
@@ -59,9 +69,7 @@ def bench_hf(args) -> dict[str, float]:
     with torch.inference_mode():
         model.generate(torch.tensor([tok.encode("warm up")]), max_new_tokens=4, **kw)
         ids = torch.tensor([long_prompt(tok, 512)])
-        t = time.perf_counter()
-        model(ids)
-        prefill = 512 / (time.perf_counter() - t)
+        prefill = median_rate(512, lambda: model(ids))
         ids = torch.tensor([tok.encode("Once upon a time")])
         t = time.perf_counter()
         model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
