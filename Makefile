@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	@if [ -z "$$(ldconfig -p 2>/dev/null | grep libibverbs.so.1)" ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1 >/dev/null) \
 		|| echo "warning: could not apt-get install libibverbs1 (mooncake backend needs it)"; fi
-	@if ! command -v cc >/dev/null && command -v apt-get >/dev/null; then \
+	@if ! command -v gcc >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null) \
 		|| echo "warning: could not apt-get install gcc (fp32 CPU kernels need it; torch ops run instead)"; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -51,7 +51,7 @@ def _read() -> Envs:
         disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
         cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
         disable_cpu_kernels=os.environ.get("PDSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"),
-        cc=os.environ.get("CC", "cc"),
+        cc=os.environ.get("CC", "gcc"),
         epd_image_max_bytes=_int("PDSERVE_IMAGE_MAX_BYTES", 20 << 20),
         epd_image_max_pixels=_int("PDSERVE_IMAGE_MAX_PIXELS", 40_000_000),
         epd_image_fetch_timeout_s=_float("PDSERVE_IMAGE_FETCH_TIMEOUT", 10.0),

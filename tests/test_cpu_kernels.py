@@ -10,7 +10,7 @@ from pdserve.envs import ENVS
 from pdserve.model import cpu_kernels
 from pdserve.model.ops import KernelOps, TorchOps
 
-HAS_CC = shutil.which(ENVS.cc) is not None or shutil.which("gcc") is not None
+HAS_CC = shutil.which(ENVS.cc) is not None or shutil.which("cc") is not None
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch path runs instead")
 

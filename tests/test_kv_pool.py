@@ -28,12 +28,14 @@ def test_falls_back_to_lowest_runs_when_none_fits():
     assert a.alloc(2) is None
 
 
-def test_double_free_is_refused():
+def test_bad_frees_are_refused_whole():
     a = KVSlotAllocator(8)
     got = a.alloc(4)
-    a.free(got)
-    with pytest.raises(ValueError):
-        a.free(got[1:2])
+    a.free(got[1:2])
+    for bad in ([got[0], got[1]], [0], [9], [got[2], got[2]]):  # already free, padding slot, out of range, dup
+        with pytest.raises(ValueError):
+            a.free(bad)
+    assert a.num_free == 5 and a.free_runs() == [(2, 3), (5, 9)]  # nothing half-applied
 
 
 def test_random_alloc_free_against_a_set_model():

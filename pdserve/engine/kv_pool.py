@@ -52,23 +52,34 @@ class KVSlotAllocator:
         return list(range(s, s + n))
 
     def free(self, slots: list[int]) -> None:
+        """Return slots; all or nothing: a slot out of range or already free raises ValueError first."""
         if not slots:
             return
         ordered = sorted(slots)
+        if ordered[0] < 1 or ordered[-1] > self.size:
+            raise ValueError(f"KV slots outside 1..{self.size} freed")
+        runs: list[tuple[int, int]] = []
         run_start = prev = ordered[0]
         for s in ordered[1:]:
+            if s == prev:
+                raise ValueError(f"KV slot {s} freed twice")
             if s != prev + 1:
-                self._free_run(run_start, prev + 1)
+                runs.append((run_start, prev + 1))
                 run_start = s
             prev = s
-        self._free_run(run_start, prev + 1)
+        runs.append((run_start, prev + 1))
+        starts, ends = self._starts, self._ends
+        for a, b in runs:
+            i = bisect_left(starts, a)
+            if (i > 0 and ends[i - 1] > a) or (i < len(starts) and starts[i] < b):
+                raise ValueError(f"KV slots [{a}, {b}) freed twice")
+        for a, b in runs:
+            self._free_run(a, b)
 
     def _free_run(self, a: int, b: int) -> None:
-        """Return [a, b) to the free runs, merging with its neighbours."""
+        """Return [a, b) (checked free of overlap) to the free runs, merging with its neighbours."""
         starts, ends = self._starts, self._ends
         i = bisect_left(starts, a)
-        if (i > 0 and ends[i - 1] > a) or (i < len(starts) and starts[i] < b):
-            raise ValueError(f"KV slots [{a}, {b}) freed twice")
         self._num_free += b - a
         joins_prev = i > 0 and ends[i - 1] == a
         joins_next = i < len(starts) and starts[i] == b

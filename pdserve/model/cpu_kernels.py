@@ -83,7 +83,7 @@ def _build(cc: str) -> str:
 def load() -> CpuKernels | None:
     if ENVS.disable_cpu_kernels:
         return None
-    cc = shutil.which(ENVS.cc) or shutil.which("gcc")
+    cc = shutil.which(ENVS.cc) or shutil.which("cc")  # GCC: the source uses GCC vector builtins
     if cc is None:
         logger.warning("no C compiler found: CPU kernels off, the torch path runs instead (slower decode)")
         return None
@@ -156,6 +156,6 @@ class CpuKernels:
         b, nh, d = q.shape
         out = torch.empty((b, nh * d), dtype=torch.float32)
         self.lib.pd_decode_attention(q.data_ptr(), b, nh, k_pool.shape[1], d, k_pool.data_ptr(), v_pool.data_ptr(),
-                                     slot_table.data_ptr(), slot_table.shape[1], lens.data_ptr(), scale,
+                                     slot_table.data_ptr(), slot_table.stride(0), lens.data_ptr(), scale,
                                      out.data_ptr())
         return out

@@ -98,19 +98,25 @@ def create_app(state: RouterState) -> web.Application:
     r.add_post("/v1/completions", forwarder(payload.COMPLETIONS, "/v1/completions"))
     r.add_post("/v1/chat/completions", forwarder(payload.CHAT, "/v1/chat/completions"))
 
-    answers: dict[str, tuple[float, bytes, str]] = {}  # path -> (time, body, content type) of a 200
+    cached: dict[str, tuple[float, bytes, str]] = {}  # path -> (time, body, content type) of a 200
+    generation = [0]  # bumped when /workers changes: an answer fetched before that is not stored
+
+    def forget_cached() -> None:
+        cached.clear()
+        generation[0] += 1
 
     async def first_answer(path: str) -> web.Response:
         """The first healthy worker's answer (decode first in PD mode); a 200 is reused for MODEL_INFO_TTL_S, as
         SGLang's router answers model queries from what it knows instead of asking a worker each time."""
-        hit = answers.get(path)
+        hit = cached.get(path)
         if hit is not None and time.monotonic() - hit[0] < MODEL_INFO_TTL_S:
             return web.Response(body=hit[1], headers={"Content-Type": hit[2]})
+        gen = generation[0]
         for role in ("decode", "prefill", "regular"):
             for w in registry.candidates(role):
                 status, body, ctype = await proxy.call(w, "GET", path)
-                if status == 200:
-                    answers[path] = (time.monotonic(), body, ctype)
+                if status == 200 and gen == generation[0]:
+                    cached[path] = (time.monotonic(), body, ctype)
                 if status < 500:
                     return web.Response(body=body, status=status, headers={"Content-Type": ctype})
         return error_response("no healthy worker available", 503)
@@ -203,7 +209,7 @@ def create_app(state: RouterState) -> web.Application:
             w = registry.add(spec)
         except (ValueError, TypeError, payload.BadRequest) as e:
             return error_response(str(e), 400)
-        answers.clear()
+        forget_cached()
         if cfg.health.enabled:
             await registry.probe(w)
         return json_response({"success": True, "worker": w.to_json()})
@@ -219,7 +225,7 @@ def create_app(state: RouterState) -> web.Application:
         w = registry.remove(url)
         if w is None:
             return error_response(f"no worker {url}", 404)
-        answers.clear()
+        forget_cached()
         return json_response({"success": True, "worker": w.to_json()})
 
     r.add_get("/workers", list_workers)
