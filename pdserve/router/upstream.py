@@ -15,6 +15,8 @@ import ssl as ssl_mod
 import time
 from urllib.parse import urlsplit
 
+# Parser states of a connection reading an answer.
+_IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILERS, _TO_EOF = range(8)
 _MAX_HEAD = 1 << 16  # status line + headers
 _HIGH_WATER = 1 << 22  # unread body bytes before the socket is paused
 _IDLE_S = 15.0  # below the workers' own keep-alive (30 s), so that idle connections are ours to close
@@ -154,7 +156,7 @@ class _Conn(asyncio.Protocol):
         self._head_waiter: asyncio.Future | None = None
         self._resp: Response | None = None
         self._buf = b""
-        self._mode = 0  # 0 idle, 1 head, 2 length, 3 chunk size, 4 chunk data, 5 chunk CRLF, 6 trailers, 7 to EOF
+        self._mode = _IDLE
         self._left = 0
         self._no_body = False
         self._got_bytes = False
@@ -178,7 +180,7 @@ class _Conn(asyncio.Protocol):
             self._head_waiter.set_exception(err(f"server disconnected{f': {exc}' if exc else ''}"))
         r = self._resp
         if r is not None:
-            if self._mode == 7 and exc is None:
+            if self._mode == _TO_EOF and exc is None:
                 r._finish()
             else:
                 r._fail(UpstreamError(f"server disconnected before the answer was complete"
@@ -199,7 +201,7 @@ class _Conn(asyncio.Protocol):
         """Sends `data` (a whole request) and waits for the answer's head."""
         assert self.transport is not None
         self._sent_at = self.loop.time()
-        self._mode, self._buf, self._no_body, self._got_bytes = 1, b"", head_only, False
+        self._mode, self._buf, self._no_body, self._got_bytes = _HEAD, b"", head_only, False
         self._resp = None
         fut = self._head_waiter = self.loop.create_future()
         timer = self.loop.call_later(timeout, self._timed_out)
@@ -229,7 +231,7 @@ class _Conn(asyncio.Protocol):
 
     def reuse(self) -> None:
         self._resp = None
-        if self._mode != 0 or self.closed or self._buf:
+        if self._mode != _IDLE or self.closed or self._buf:
             self.close()  # extra bytes after the answer: not a connection to reuse
         else:
             self.pool.put(self)
@@ -252,7 +254,7 @@ class _Conn(asyncio.Protocol):
     # ---- parsing -----------------------------------------------------------------------------------------
     def _parse(self, data: bytes) -> None:
         mode = self._mode
-        if mode == 2:  # the common case first: a Content-Length body
+        if mode == _LENGTH:  # the common case first: a Content-Length body
             n = len(data)
             if n <= self._left:
                 self._left -= n
@@ -264,17 +266,17 @@ class _Conn(asyncio.Protocol):
             self._buf, self._left = data[self._left:], 0
             self._end()
             return
-        if mode == 7:
+        if mode == _TO_EOF:
             self._resp._feed(data)  # type: ignore[union-attr]
             return
-        if mode == 0:
+        if mode == _IDLE:
             self._buf += data  # unsolicited bytes: the connection will not be reused
             return
         buf = self._buf + data if self._buf else data
         self._buf = b""
         while buf:
             mode = self._mode
-            if mode == 1:
+            if mode == _HEAD:
                 i = buf.find(b"\r\n\r\n")
                 if i < 0:
                     if len(buf) > _MAX_HEAD:
@@ -282,14 +284,14 @@ class _Conn(asyncio.Protocol):
                     break
                 head, buf = buf[:i], buf[i + 4:]
                 self._on_head(head)
-            elif mode == 2:
+            elif mode == _LENGTH:
                 take = buf[:self._left]
                 buf = buf[len(take):]
                 self._left -= len(take)
                 self._resp._feed(take)  # type: ignore[union-attr]
                 if self._left == 0:
                     self._end()
-            elif mode == 3:
+            elif mode == _CHUNK_SIZE:
                 i = buf.find(b"\r\n")
                 if i < 0:
                     if len(buf) > 1024:
@@ -297,21 +299,21 @@ class _Conn(asyncio.Protocol):
                     break
                 size = int(buf[:i].split(b";", 1)[0].strip(), 16)
                 buf = buf[i + 2:]
-                self._mode, self._left = (4, size) if size else (6, 0)
-            elif mode == 4:
+                self._mode, self._left = (_CHUNK_DATA, size) if size else (_TRAILERS, 0)
+            elif mode == _CHUNK_DATA:
                 take = buf[:self._left]
                 buf = buf[len(take):]
                 self._left -= len(take)
                 self._resp._feed(take)  # type: ignore[union-attr]
                 if self._left == 0:
-                    self._mode = 5
-            elif mode == 5:
+                    self._mode = _CHUNK_CRLF
+            elif mode == _CHUNK_CRLF:
                 if len(buf) < 2:
                     break
                 if buf[:2] != b"\r\n":
                     raise ValueError("missing CRLF after a chunk")
-                buf, self._mode = buf[2:], 3
-            elif mode == 6:  # trailers (ignored) up to an empty line
+                buf, self._mode = buf[2:], _CHUNK_SIZE
+            elif mode == _TRAILERS:  # trailers (ignored) up to an empty line
                 if buf.startswith(b"\r\n"):
                     buf = buf[2:]
                     self._end()
@@ -321,7 +323,7 @@ class _Conn(asyncio.Protocol):
                     break
                 buf = buf[i + 4:]
                 self._end()
-            elif mode == 7:
+            elif mode == _TO_EOF:
                 self._resp._feed(buf)  # type: ignore[union-attr]
                 buf = b""
             else:  # 0: bytes after the answer
@@ -341,22 +343,22 @@ class _Conn(asyncio.Protocol):
         if self._no_body or status in (204, 304):
             self._end()
         elif b"chunked" in (_field(low, low, b"transfer-encoding") or b""):
-            self._mode = 3
+            self._mode = _CHUNK_SIZE
         elif length is not None:
             self._left = int(length)
             if self._left < 0:
                 raise ValueError("negative Content-Length")
-            self._mode = 2
+            self._mode = _LENGTH
             if self._left == 0:
                 self._end()
         else:
-            self._mode, resp.keep_alive = 7, False
+            self._mode, resp.keep_alive = _TO_EOF, False
         w = self._head_waiter
         if w is not None and not w.done():
             w.set_result(resp)
 
     def _end(self) -> None:
-        self._mode = 0
+        self._mode = _IDLE
         if self._resp is not None:
             self._resp._finish()
 
