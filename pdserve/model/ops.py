@@ -16,6 +16,8 @@ from pdserve.model import cpu_kernels
 class TorchOps:
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
         self.cos, self.sin, self.dtype = cos, sin, dtype  # [max_pos, D] fp32 tables
+        self._mask_lens: torch.Tensor | None = None  # the step's lens the cached decode mask was built from
+        self._mask: torch.Tensor | None = None
 
     def pack(self, w_t: torch.Tensor) -> torch.Tensor:
         # Kept as W_t [in, out]: x @ W_t reads it at about twice the bandwidth of F.linear on CPU.
@@ -57,7 +59,10 @@ class TorchOps:
         """q [B, nH, D]; slot_table [B, S] (padded with slot 0); lens [B] -> [B, nH * D]."""
         b, s = slot_table.shape
         nkv, d = k_pool.shape[1], k_pool.shape[2]
-        mask = (torch.arange(s, device=q.device)[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        if self._mask_lens is not lens or self._mask.shape[-1] != s:  # once per step, not per layer
+            self._mask_lens = lens
+            self._mask = (torch.arange(s, device=q.device)[None, :] < lens[:, None])[:, None, None, :]  # [B,1,1,S]
+        mask = self._mask
         kd = k_pool.index_select(0, slot_table.view(-1)).view(b, s, nkv, d).transpose(1, 2)  # [B, nKV, S, D]
         vd = v_pool.index_select(0, slot_table.view(-1)).view(b, s, nkv, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale,
