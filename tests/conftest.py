@@ -43,32 +43,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: Sequence[str] = (), api_key: str | None = None,
-                 timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None,
-                 port: int | None = None) -> ServerProcess:
-    """Start `python -m pdserve.launch_server` in its own process group; return once /health_generate is 200."""
+def spawn(module: str, args: Sequence[str], api_key: str | None = None, env: dict[str, str] | None = None,
+          port: int | None = None, log_prefix: str = "pdserve-test-") -> ServerProcess:
+    """`python -m module --host 127.0.0.1 --port P args...` in its own process group, logging to a temp file."""
     port = port or free_port()
-    fd, log_path = tempfile.mkstemp(prefix="pdserve-test-", suffix=".log")
-    cmd = [sys.executable, "-m", "pdserve.launch_server", "--host", "127.0.0.1", "--port", str(port), *args]
+    fd, log_path = tempfile.mkstemp(prefix=log_prefix, suffix=".log")
+    cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
     if api_key:
         cmd += ["--api-key", api_key]
     with os.fdopen(fd, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+    return ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+
+
+def wait_ok(server: ServerProcess, path: str, timeout: float, what: str, interval_s: float = 0.5,
+            request_timeout_s: float = 60) -> ServerProcess:
+    """Poll GET path until 200; a process that exits or a timeout stops it and raises with its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode} during startup:\n{server.log()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {server.proc.returncode} during startup:\n{server.log()}")
         try:
-            r = httpx.get(f"{server.base_url}/health_generate", headers=server.headers, timeout=60)
-            if r.status_code == 200:
+            if httpx.get(server.base_url + path, headers=server.headers, timeout=request_timeout_s).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(interval_s)
     stop_server(server)
-    raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log()}")
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s:\n{server.log()}")
+
+
+def start_server(args: Sequence[str] = (), api_key: str | None = None,
+                 timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None,
+                 port: int | None = None) -> ServerProcess:
+    """Start `python -m pdserve.launch_server` in its own process group; return once /health_generate is 200."""
+    server = spawn("pdserve.launch_server", args, api_key, env, port)
+    return wait_ok(server, "/health_generate", timeout, "server")
 
 
 def stop_server(server: ServerProcess) -> None:

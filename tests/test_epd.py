@@ -325,15 +325,20 @@ def test_chunked_prefill_splits_images_exactly():
     assert len(outs[0]) == 6 and outs[0] == outs[1]
 
 
-def test_encode_text_matches_unified(epd, images, reference):
-    servers, _ = epd
-    t = Target(text=servers["text"].base_url)
-    enc = [servers["encA"]]
+def assert_matches_reference(enc, t: Target, images, reference) -> None:
+    """One image, two images, and a chat with two images through encoders `enc` and target `t` == unified."""
     assert ids_of(run_dispatch("/generate", gen_body(images["cat.png"]), enc, t)) == reference["one"]
     two = gen_body([images["cat.png"], images["dog.png"]], text="<image> and <image>: which is brighter?")
     assert ids_of(run_dispatch("/generate", two, enc, t)) == reference["two"]
     chat = chat_body([images["dog_data_uri"], images["cat.png"]])
     assert chat_text(run_dispatch("/v1/chat/completions", chat, enc, t)) == reference["chat"]
+
+
+def test_encode_text_matches_unified(epd, images, reference):
+    servers, _ = epd
+    t = Target(text=servers["text"].base_url)
+    enc = [servers["encA"]]
+    assert_matches_reference(enc, t, images, reference)
     # --encoder-urls: the text server sends the images to its encoder itself (no balancer)
     direct = httpx.post(servers["text"].base_url + "/generate", json=gen_body(images["cat.png"]), timeout=120)
     assert ids_of(direct) == reference["one"]
@@ -344,11 +349,7 @@ def test_encode_prefill_decode_matches_unified(epd, images, reference):
     servers, bp = epd
     t = _pd_target(servers, bp)
     enc = [servers["encA"]]
-    assert ids_of(run_dispatch("/generate", gen_body(images["cat.png"]), enc, t)) == reference["one"]
-    two = gen_body([images["cat.png"], images["dog.png"]], text="<image> and <image>: which is brighter?")
-    assert ids_of(run_dispatch("/generate", two, enc, t)) == reference["two"]
-    chat = chat_body([images["dog_data_uri"], images["cat.png"]])
-    assert chat_text(run_dispatch("/v1/chat/completions", chat, enc, t)) == reference["chat"]
+    assert_matches_reference(enc, t, images, reference)
     streamed = run_dispatch("/generate", {**gen_body(images["cat.png"]), "stream": True}, enc, t)
     assert streamed.status == 200 and b"[DONE]" in streamed.body
     import orjson

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO_ROOT, ServerProcess, free_port, stop_server
+from tests.conftest import REPO_ROOT, ServerProcess, free_port, spawn, stop_server, wait_ok
 from tests.pd_helpers import Prefill, start_decode, start_prefill, stop_all, with_bootstrap
 
 KEY = "router-key-1"
@@ -60,27 +59,9 @@ class Cluster:
 
 def start_router(args: list[str], api_key: str | None = None, module: str = "pdserve.launch_router",
                  ready: bool = True, timeout: float = 60) -> ServerProcess:
-    port = free_port()
-    fd, log_path = tempfile.mkstemp(prefix="pdserve-router-", suffix=".log")
-    cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
-    if api_key:
-        cmd += ["--api-key", api_key]
-    with os.fdopen(fd, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
-    r = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+    r = spawn(module, args, api_key, log_prefix="pdserve-router-")
     path = "/readiness" if ready and module == "pdserve.launch_router" else "/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"router exited with {proc.returncode}:\n{r.log()}")
-        try:
-            if httpx.get(r.base_url + path, headers=r.headers, timeout=5).status_code == 200:
-                return r
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(r)
-    raise RuntimeError(f"router not {'ready' if ready else 'up'} after {timeout:.0f} s:\n{r.log()}")
+    return wait_ok(r, path, timeout, "router", interval_s=0.2, request_timeout_s=5)
 
 
 @contextmanager

@@ -252,6 +252,13 @@ class _Conn(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ---- parsing -----------------------------------------------------------------------------------------
+    def _feed_body(self, buf: bytes) -> bytes:
+        """Hand up to `_left` body bytes of buf to the response; the rest of buf."""
+        take = buf[:self._left]
+        self._left -= len(take)
+        self._resp._feed(take)  # type: ignore[union-attr]
+        return buf[len(take):]
+
     def _parse(self, data: bytes) -> None:
         mode = self._mode
         if mode == _LENGTH:  # the common case first: a Content-Length body
@@ -285,10 +292,7 @@ class _Conn(asyncio.Protocol):
                 head, buf = buf[:i], buf[i + 4:]
                 self._on_head(head)
             elif mode == _LENGTH:
-                take = buf[:self._left]
-                buf = buf[len(take):]
-                self._left -= len(take)
-                self._resp._feed(take)  # type: ignore[union-attr]
+                buf = self._feed_body(buf)
                 if self._left == 0:
                     self._end()
             elif mode == _CHUNK_SIZE:
@@ -301,10 +305,7 @@ class _Conn(asyncio.Protocol):
                 buf = buf[i + 2:]
                 self._mode, self._left = (_CHUNK_DATA, size) if size else (_TRAILERS, 0)
             elif mode == _CHUNK_DATA:
-                take = buf[:self._left]
-                buf = buf[len(take):]
-                self._left -= len(take)
-                self._resp._feed(take)  # type: ignore[union-attr]
+                buf = self._feed_body(buf)
                 if self._left == 0:
                     self._mode = _CHUNK_CRLF
             elif mode == _CHUNK_CRLF:
