@@ -31,6 +31,7 @@ class EngineConfig:
     max_prefill_tokens: int = 4096  # token budget of one step
     disable_radix_cache: bool = False
     num_threads: int | None = None  # torch intra-op threads; None: torch default
+    engine_cpus: tuple[int, ...] = ()  # cores the engine process is pinned to; (): those of the server
     seed: int = 0
     disaggregation_mode: str = "null"
     transfer_backend: str = "fake"
@@ -61,6 +62,8 @@ class EngineConfig:
                              "with --encoder-disaggregated)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if any(c < 0 for c in self.engine_cpus) or len(set(self.engine_cpus)) != len(self.engine_cpus):
+            raise ValueError(f"engine_cpus must be distinct core ids >= 0, got {self.engine_cpus}")
 
     @property
     def language_only(self) -> bool:

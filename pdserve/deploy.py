@@ -26,7 +26,8 @@ class Child:
     url: str
     ready_path: str
     log_path: str
-    cpus: list[int] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)  # the process's affinity (empty: inherit)
+    engine_cpus: list[int] = field(default_factory=list)  # its engine process's, when pinned apart (--engine-cpus)
     proc: subprocess.Popen | None = None
     ready: bool = False
 
@@ -65,6 +66,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         common += ["--model-path", args.model_path]
     cpus = sorted(os.sched_getaffinity(0))
     children: list[Child] = []
+    service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
 
     def server(name: str, extra: list[str], cpu: list[int]) -> Child:
         port = free_port(args.host)
@@ -83,16 +85,24 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
                                         args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i])
             children.append(c)
             router_flags += ["--prefill", c.url, str(bp)]
+        # A decode engine keeps its cores to itself: its HTTP front, like the router, runs on the prefill cores
+        # (a front or router waking up on a decode core would delay a decode step, i.e. every stream's ITL).
+        pre_set, dec_set = set().union(*pre_cpus), set().union(*dec_cpus)
+        if not pre_set & dec_set:
+            service_cpus = sorted(pre_set)
         for i in range(args.decode):
-            c = server(f"decode-{i}", ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend",
-                                       args.transfer_backend], dec_cpus[i])
+            extra = ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", args.transfer_backend]
+            c = server(f"decode-{i}", extra, dec_cpus[i])
+            if service_cpus:
+                c.cmd += ["--engine-cpus", ",".join(map(str, dec_cpus[i]))]
+                c.cpus, c.engine_cpus = service_cpus, dec_cpus[i]
             children.append(c)
             router_flags += ["--decode", c.url]
     router_cmd = [py, "-m", "pdserve.launch_router", *router_flags, "--host", args.host, "--port", str(args.port)]
     if args.policy:
         router_cmd += ["--policy", args.policy]
     children.append(Child("router", router_cmd, _url(args.host, args.port), "/readiness",
-                          os.path.join(log_dir, "router.log")))
+                          os.path.join(log_dir, "router.log"), service_cpus))
     return children
 
 
@@ -203,7 +213,7 @@ def run_up(args: argparse.Namespace) -> int:
         dep.start()
         print(f"pdserve up: logs in {log_dir}/ (one per process)")
         for c in dep.children:
-            cpu = f" cpus={c.cpus}" if c.cpus else ""
+            cpu = (f" cpus={c.cpus}" if c.cpus else "") + (f" engine cpus={c.engine_cpus}" if c.engine_cpus else "")
             print(f"  {c.name:<10} {c.url}{cpu}")
         dep.wait_ready()
         router = dep.children[-1]

@@ -38,6 +38,7 @@ class Envs:
     epd_embedding_timeout_s: float
     epd_embedding_ttl_s: float
     epd_buffer_tokens: int
+    step_log: str
 
 
 def _read() -> Envs:
@@ -58,6 +59,7 @@ def _read() -> Envs:
         epd_embedding_timeout_s=_float("PDSERVE_EPD_EMBEDDING_TIMEOUT", 60.0),
         epd_embedding_ttl_s=_float("PDSERVE_EPD_EMBEDDING_TTL", 60.0),
         epd_buffer_tokens=_int("PDSERVE_EPD_BUFFER_TOKENS", 8192),
+        step_log=os.environ.get("PDSERVE_STEP_LOG", ""),
     )
 
 

@@ -193,6 +193,22 @@ def test_bench_interference(server, tmp_path):
     assert timeline.startswith(PNG_MAGIC) and len(timeline) > 10_000
 
 
+def test_bench_streams_alone_for_a_set_time(server, tmp_path):
+    """--num-long-prompts 0 --min-decode-duration: the interference run's baseline (streams, no long prompts)."""
+    out = tmp_path / "alone.json"
+    r = bench(server, "--dataset", "interference", "--num-decode-streams", "2", "--decode-input-len", "16",
+              "--decode-output-len", "4", "--num-long-prompts", "0", "--min-decode-duration", "1.5",
+              "--output-file", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    recs = d["records"]
+    assert d["failed"] == 0 and {rec["kind"] for rec in recs} == {"decode"} and len(recs) > 2  # restarted
+    assert max(rec["start_time"] + rec["e2e"] for rec in recs) >= 1.5  # kept going for 1.5 s
+    assert all(rec["start_time"] < 1.6 for rec in recs)  # and no restart after
+    r = bench(server, "--dataset", "interference", "--min-decode-duration", "-1")
+    assert r.returncode == 2 and "--min-decode-duration must be >= 0" in r.stderr
+
+
 def test_library_side_by_side(server):
     common = dict(base_url=server.base_url, num_prompts=2, random_input_len=16, random_output_len=4,
                   warmup_requests=0, progress=False)

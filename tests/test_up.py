@@ -10,8 +10,15 @@ import subprocess
 import sys
 import time
 
-import httpx
+import argparse
+import asyncio
 
+import httpx
+import pytest
+
+from pdserve import deploy
+from pdserve.config import EngineConfig
+from pdserve.engine.client import EngineClient
 from tests.conftest import REPO_ROOT, free_port
 
 
@@ -51,6 +58,14 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
         assert f"http://127.0.0.1:{port}/v1" in out and "curl" in out
         children = descendants(proc.pid)
         assert len(children) >= 3  # router, prefill, decode (+ engine processes)
+        if len(os.sched_getaffinity(0)) >= 2:  # the decode engine has its cores to itself
+            decode_front = next(p for p in children if "--disaggregation-mode decode" in _cmdline(p))
+            engine = next(p for p in descendants(decode_front) if "multiprocessing" in _cmdline(p)
+                          and "resource_tracker" not in _cmdline(p))
+            engine_cpus, front_cpus = os.sched_getaffinity(engine), os.sched_getaffinity(decode_front)
+            assert engine_cpus and front_cpus and not engine_cpus & front_cpus
+            others = [p for p in children if p not in descendants(decode_front) | {decode_front}]
+            assert all(not os.sched_getaffinity(p) & engine_cpus for p in others), "a process shares the decode core"
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
                        json={"model": "default", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
         assert r.status_code == 200, r.text
@@ -79,6 +94,37 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
     while (alive := [p for p in children if _running(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive, "left behind: " + "; ".join(_cmdline(p) for p in alive)
+
+
+def _plan(monkeypatch, tmp_path, cpus: set[int], *argv: str) -> dict[str, deploy.Child]:
+    monkeypatch.setattr(deploy.os, "sched_getaffinity", lambda pid: cpus)
+    ap = argparse.ArgumentParser()
+    deploy.add_up_args(ap)
+    return {c.name: c for c in deploy.plan(ap.parse_args(list(argv)), str(tmp_path))}
+
+
+def test_plan_gives_decode_engines_cores_of_their_own(monkeypatch, tmp_path):
+    c = _plan(monkeypatch, tmp_path, {0, 1, 2, 3})
+    assert c["prefill-0"].cpus == [0, 1] and not c["prefill-0"].engine_cpus
+    dec = c["decode-0"]
+    assert dec.engine_cpus == [2, 3] and dec.cpus == [0, 1]  # its front runs beside the prefill
+    assert dec.cmd[dec.cmd.index("--engine-cpus") + 1] == "2,3" and dec.cmd[dec.cmd.index("--num-threads") + 1] == "2"
+    assert c["router"].cpus == [0, 1]
+    c = _plan(monkeypatch, tmp_path, {0, 1, 2, 3}, "--prefill", "2", "--decode", "2")
+    assert [c[f"decode-{i}"].engine_cpus for i in range(2)] == [[2], [3]]
+    assert c["router"].cpus == c["decode-1"].cpus == [0, 1]
+    for argv, cpus in ((["--unified"], {0, 1}), ([], {0})):  # unified, or one core: nothing is pinned apart
+        c = _plan(monkeypatch, tmp_path, cpus, *argv)
+        assert not any("--engine-cpus" in ch.cmd for ch in c.values()) and c["router"].cpus == []
+
+
+def test_engine_cpus_are_checked():
+    with pytest.raises(ValueError, match="engine_cpus"):
+        EngineConfig(engine_cpus=(1, 1))
+    with pytest.raises(ValueError, match="engine_cpus"):
+        EngineConfig(engine_cpus=(-1,))
+    with pytest.raises(RuntimeError, match="--engine-cpus 4096: cannot pin the engine there"):
+        asyncio.run(EngineClient.start(EngineConfig(engine_cpus=(4096,))))
 
 
 def _running(pid: int) -> bool:

@@ -57,6 +57,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                       help="interference: long prompts per second (evenly spaced)")
     data.add_argument("--long-prompt-delay", type=float, default=_D.long_prompt_delay,
                       help="interference: seconds between the decode streams' start and the first long prompt")
+    data.add_argument("--min-decode-duration", type=float, default=_D.min_decode_duration,
+                      help="interference: keep restarting the decode streams for at least this many seconds "
+                           "(with --num-long-prompts 0: the same streams without interference, as a baseline)")
 
     load = parser.add_argument_group("load", "--request-rate and --max-concurrency shape random and shared-prefix "
                                              "runs; interference follows its own schedule")
@@ -103,6 +106,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             decode_output_len=args.decode_output_len, num_long_prompts=args.num_long_prompts,
             long_prompt_len=args.long_prompt_len, long_prompt_output_len=args.long_prompt_output_len,
             long_prompt_rate=args.long_prompt_rate, long_prompt_delay=args.long_prompt_delay,
+            min_decode_duration=args.min_decode_duration,
             request_rate=args.request_rate,
             max_concurrency=args.max_concurrency, warmup_requests=args.warmup_requests,
             timeout=args.timeout, duration_limit=args.duration_limit, ignore_eos=not args.disable_ignore_eos,

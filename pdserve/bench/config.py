@@ -47,6 +47,7 @@ class BenchConfig:
     long_prompt_rate: float = 0.5  # arrivals per second, evenly spaced
     long_prompt_delay: float = 2.0  # seconds after the decode streams start before the first long prompt
     max_decode_restarts: int = 100  # per stream: bounded count even when long prompts take long
+    min_decode_duration: float = 0.0  # seconds the decode streams keep restarting for, long prompts or none
 
     # load shape (random and shared-prefix; interference has its own schedule)
     request_rate: float = math.inf  # Poisson arrivals per second; inf sends everything at once
@@ -83,7 +84,8 @@ class BenchConfig:
                      "decode_input_len", "decode_output_len", "long_prompt_len", "long_prompt_output_len",
                      "long_prompt_rate", "request_rate", "timeout", "duration_limit"):
             positive(name)
-        for name in ("num_long_prompts", "long_prompt_delay", "max_decode_restarts", "warmup_requests"):
+        for name in ("num_long_prompts", "long_prompt_delay", "max_decode_restarts", "min_decode_duration",
+                     "warmup_requests"):
             positive(name, allow_zero=True)
         if not 0.0 <= self.random_range_ratio <= 1.0:
             raise ValueError(f"random_range_ratio must be in [0, 1], got {self.random_range_ratio}")

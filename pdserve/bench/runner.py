@@ -144,14 +144,16 @@ async def _run_requests(run: _Run, specs: Sequence[RequestSpec], rng: random.Ran
 async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long_specs: Sequence[RequestSpec],
                             rng: random.Random, next_index: Callable[[], int]) -> None:
     """The decode streams start at once and each is restarted (a fresh request) when it ends while long
-    prompts are still pending; the long prompts arrive evenly at --long-prompt-rate after --long-prompt-delay."""
+    prompts are still pending or --min-decode-duration has not passed; the long prompts arrive evenly at
+    --long-prompt-rate after --long-prompt-delay."""
     cfg = run.cfg
     long_done = asyncio.Event()
+    min_end = run.t0 + cfg.min_decode_duration
 
     async def decode_stream(spec: RequestSpec) -> None:
         for n in range(cfg.max_decode_restarts + 1):
             if n > 0:
-                if long_done.is_set() or run.expired():
+                if (long_done.is_set() and time.perf_counter() >= min_end) or run.expired():
                     return
                 spec = datasets.decode_request(cfg, rng, next_index())
                 run.pbar.total += 1

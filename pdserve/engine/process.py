@@ -18,6 +18,7 @@ from pdserve.engine.messages import (
     RequestOutput,
     ShutdownRequest,
 )
+from pdserve.envs import ENVS
 from pdserve.model.loader import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,8 @@ logger = logging.getLogger(__name__)
 def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Connection, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:
+        if config.engine_cpus:  # before torch starts its thread pool
+            _pin(config.engine_cpus)
         engine = create_engine(config, resolved)
     except Exception as e:
         logger.exception("engine failed to start")
@@ -37,6 +40,14 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
         _loop(engine, conn)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the front went away
+
+
+def _pin(cpus: tuple[int, ...]) -> None:
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as e:
+        raise ValueError(f"--engine-cpus {','.join(map(str, cpus))}: cannot pin the engine there ({e.strerror}; "
+                         f"this machine has {os.cpu_count()} cores)") from None
 
 
 def create_engine(config: EngineConfig, resolved: ResolvedModel):
@@ -73,6 +84,7 @@ def _loop(engine, conn: Connection) -> None:
         poller.register(conn.fileno(), zmq.POLLIN)
         for sock in sockets:
             poller.register(sock, zmq.POLLIN)
+    step_log = _StepLog(engine) if ENVS.step_log else None
     while True:
         if not engine.has_work:
             if poller is None:
@@ -86,7 +98,10 @@ def _loop(engine, conn: Connection) -> None:
             reply = _handle(engine, msg)
             if reply is not None:
                 conn.send(reply)
-        outs = engine.step()
+        if step_log is None:
+            outs = engine.step()
+        else:
+            outs = step_log.step(engine)
         if outs:
             conn.send(outs)
 
@@ -109,3 +124,25 @@ def _handle(engine, msg):
         return FlushCacheResult(ok, "" if ok else "some cached entries are in use by running requests")
     logger.error("unknown message %r", msg)
     return None
+
+
+class _StepLog:
+    """PDSERVE_STEP_LOG=PREFIX: one line per engine step to PREFIX.<pid> (for studying step-time jitter):
+    start (monotonic s), wall ms, this thread's CPU ms, running requests, their total context tokens."""
+
+    def __init__(self, engine):
+        import time
+
+        self._time = time
+        self._sched = getattr(engine, "engine", engine).scheduler
+        self._f = open(f"{ENVS.step_log}.{os.getpid()}", "w", buffering=1)
+
+    def step(self, engine):
+        t = self._time
+        t0, c0 = t.monotonic(), t.thread_time()
+        outs = engine.step()
+        t1, c1 = t.monotonic(), t.thread_time()
+        running = self._sched.running
+        ctx = sum(r.num_computed_tokens for r in running)
+        self._f.write(f"{t0:.4f} {1e3 * (t1 - t0):.2f} {1e3 * (c1 - c0):.2f} {len(running)} {ctx}\n")
+        return outs

@@ -36,6 +36,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=_ENGINE.max_prefill_tokens)
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads, help="torch intra-op threads")
+    g.add_argument("--engine-cpus", type=_cpu_list, default=_ENGINE.engine_cpus, metavar="0,1,...",
+                   help="pin the engine process (scheduler + model) to these cores; the HTTP front keeps the "
+                        "server's own affinity (pdserve up gives a decode engine its cores to itself)")
     g.add_argument("--random-seed", type=int, default=_ENGINE.seed)
 
     g = parser.add_argument_group("prefill/decode disaggregation")
@@ -55,6 +58,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="encode servers this language server sends images to itself (implies --language-only)")
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected core ids like 0,1, got {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Raises ValueError (from the config dataclasses) for invalid values."""
     model = ModelConfig(
@@ -70,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prefill_tokens=args.max_prefill_tokens,
         disable_radix_cache=args.disable_radix_cache,
         num_threads=args.num_threads,
+        engine_cpus=args.engine_cpus,
         seed=args.random_seed,
         disaggregation_mode=mode,
         encoder_disaggregated=enc_disagg,
