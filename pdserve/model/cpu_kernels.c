@@ -211,6 +211,12 @@ static inline float exp_sum(float* s, int64_t n, float mx) {
 #define ATT_CHUNK 256 /* context tokens per task; partial softmaxes are merged after (flash-decoding) */
 #define ATT_MAX_HEADS 64 /* cpu_kernels.py sends larger head counts to the torch path */
 
+#define ATT_PREFETCH 4 /* KV rows fetched ahead: rows come through the slot table, runs need not be adjacent */
+
+static inline void prefetch_row(const float* r, int64_t len) {
+    for (int64_t i = 0; i < len; i += 16) __builtin_prefetch(r + i, 0, 3);
+}
+
 // One task: heads of sequence b over context tokens [j0, j1). Writes per head: max score, sum of
 // exp(score - max), and the unnormalised output sum [D], reading each K/V row once for all heads.
 static void attend_chunk(const float* q, int64_t nH, int64_t nKV, int64_t D, const float* k_pool,
@@ -220,6 +226,7 @@ static void attend_chunk(const float* q, int64_t nH, int64_t nKV, int64_t D, con
     float sc[ATT_MAX_HEADS * ATT_CHUNK];
     for (int64_t j = 0; j < n; j++) {
         const float* kr = k_pool + slots[j0 + j] * row;
+        if (j + ATT_PREFETCH < n) prefetch_row(k_pool + slots[j0 + j + ATT_PREFETCH] * row, row);
         for (int64_t h = 0; h < nH; h++) sc[h * n + j] = dot(q + h * D, kr + (h / G) * D, D) * scale;
     }
     for (int64_t h = 0; h < nH; h++) {
@@ -234,6 +241,7 @@ static void attend_chunk(const float* q, int64_t nH, int64_t nKV, int64_t D, con
     }
     for (int64_t j = 0; j < n; j++) {
         const float* vr = v_pool + slots[j0 + j] * row;
+        if (j + ATT_PREFETCH < n) prefetch_row(v_pool + slots[j0 + j + ATT_PREFETCH] * row, row);
         for (int64_t h = 0; h < nH; h++) {
             float w = sc[h * n + j], *restrict o = part + h * (D + 2) + 2;
             const float* restrict v = vr + (h / G) * D;
