@@ -44,7 +44,8 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
     log_dir = tmp_path / "logs"
     proc = subprocess.Popen([sys.executable, "-m", "pdserve", "up", "--port", str(port), "--transfer-backend", "nixl",
                              "--max-total-tokens", "8192", "--log-dir", str(log_dir)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PDSERVE_STEP_LOG": str(tmp_path / "steps")})
     lines: list[str] = []
     try:
         deadline = time.monotonic() + 300
@@ -85,6 +86,12 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
             assert key in data, key
         assert data["completed"] == 4 and data["total_output_tokens"] == 32
         assert sorted(os.listdir(log_dir)) == ["decode-0.log", "prefill-0.log", "router.log"]
+        # PDSERVE_STEP_LOG: each engine (prefill, decode) logged its steps: start, wall ms, CPU ms, running, ctx
+        step_logs = [[line.split() for line in p.read_text().splitlines()] for p in tmp_path.glob("steps.*")]
+        assert len(step_logs) == 2 and all(step_logs), step_logs
+        for rows in step_logs:
+            assert all(len(r) == 5 and float(r[1]) >= 0 and float(r[2]) >= 0 for r in rows)
+        assert any(int(r[3]) >= 1 and int(r[4]) >= 32 for rows in step_logs for r in rows)  # decode steps ran
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)

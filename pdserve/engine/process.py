@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from multiprocessing.connection import Connection
 
 from pdserve.config import EngineConfig
@@ -98,10 +99,7 @@ def _loop(engine, conn: Connection) -> None:
             reply = _handle(engine, msg)
             if reply is not None:
                 conn.send(reply)
-        if step_log is None:
-            outs = engine.step()
-        else:
-            outs = step_log.step(engine)
+        outs = engine.step() if step_log is None else step_log.step(engine)
         if outs:
             conn.send(outs)
 
@@ -131,18 +129,14 @@ class _StepLog:
     start (monotonic s), wall ms, this thread's CPU ms, running requests, their total context tokens."""
 
     def __init__(self, engine):
-        import time
-
-        self._time = time
-        self._sched = getattr(engine, "engine", engine).scheduler
+        self._sched = getattr(getattr(engine, "engine", engine), "scheduler", None)  # PD sides wrap an Engine
         self._f = open(f"{ENVS.step_log}.{os.getpid()}", "w", buffering=1)
 
-    def step(self, engine):
-        t = self._time
-        t0, c0 = t.monotonic(), t.thread_time()
+    def step(self, engine) -> list:
+        t0, c0 = time.monotonic(), time.thread_time()
         outs = engine.step()
-        t1, c1 = t.monotonic(), t.thread_time()
-        running = self._sched.running
+        t1, c1 = time.monotonic(), time.thread_time()
+        running = self._sched.running if self._sched is not None else []
         ctx = sum(r.num_computed_tokens for r in running)
         self._f.write(f"{t0:.4f} {1e3 * (t1 - t0):.2f} {1e3 * (c1 - c0):.2f} {len(running)} {ctx}\n")
         return outs
