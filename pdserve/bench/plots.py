@@ -65,7 +65,9 @@ def _distribution(results: Mapping[str, BenchResult], values_of, title: str, xla
 def _timeline(results: Mapping[str, BenchResult], path: str) -> None:
     n = len(results)
     fig, axes = plt.subplots(n, 1, figsize=(12, 4 * n), squeeze=False, sharex=True)
+    t_end = 0.0  # the longest run sets the shared time axis
     for ax, (name, r) in zip(axes[:, 0], results.items()):
+        t_end = max(t_end, r.summary["duration"])
         kinds: dict[str, tuple[list[float], list[float]]] = {}
         for rec in r.records:
             times = rec.token_times()
@@ -84,11 +86,11 @@ def _timeline(results: Mapping[str, BenchResult], path: str) -> None:
                 ax.axvspan(rec.start_time, rec.start_time + rec.ttft, color="tab:red", alpha=0.08,
                            label="long prompt's TTFT" if i == 0 else None)
         ax.set(title=f"{name}: inter-token gaps over time ({r.config.dataset})", ylabel="ITL (ms)")
-        ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small", loc="upper right")
+    axes[-1, 0].set_xlim(0, 1.02 * t_end)
     axes[-1, 0].set_xlabel("time since the run's start (s)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
