@@ -114,8 +114,9 @@ class DecodeEngine:
         outs += self._check_peers()
         outs += self._preallocate()
         outs += self._expire()
-        outs += self.engine.step()
-        return outs
+        if outs:  # first tokens (and failures) go out now, not after the decode step that follows (tens of ms)
+            return outs
+        return self.engine.step()
 
     def load(self) -> LoadReport:
         r = self.engine.load()
