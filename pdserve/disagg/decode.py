@@ -10,7 +10,8 @@ Lifecycle of one request on a decode server:
    prefill (TRANSFERRING).
 4. TransferDone(ok): the metadata row's room is checked (a mismatch fails the request: never decode from
    foreign or partial KV); the request joins the running batch with num_computed_tokens = prompt length
-   and the first token, without recomputing the prompt, and streams (SUCCESS).
+   and the first token, without recomputing the prompt, and streams (SUCCESS): the first token goes out
+   at once, before the next decode step runs.
 5. Failures end the request with a clear error and free its slots: TransferDone(ok=False), AbortRoom, no
    TransferDone within SGLANG_DISAGGREGATION_WAITING_TIMEOUT, or the prefill missing
    SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE heartbeats in a row. A client abort sends AbortRoom.
