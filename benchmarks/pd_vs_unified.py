@@ -43,7 +43,8 @@ def start(unified: bool, backend: str, log_dir: str) -> tuple[Deployment, str]:
 def workload(base_url: str, label: str, a: argparse.Namespace) -> BenchConfig:
     return BenchConfig(base_url=base_url, label=label, dataset="interference", num_decode_streams=a.decode_streams,
                        decode_input_len=32, decode_output_len=a.decode_output_len, num_long_prompts=a.long_prompts,
-                       long_prompt_len=a.long_prompt_len, long_prompt_output_len=a.long_prompt_output_len, long_prompt_rate=a.long_prompt_rate,
+                       long_prompt_len=a.long_prompt_len, long_prompt_output_len=a.long_prompt_output_len,
+                       long_prompt_rate=a.long_prompt_rate,
                        long_prompt_delay=2.0, warmup_requests=2, seed=1, slo_ttft_ms=a.slo_ttft_ms,
                        slo_tpot_ms=a.slo_tpot_ms, timeout=600, duration_limit=900)
 
