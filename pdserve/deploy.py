@@ -85,8 +85,9 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
                                         args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i])
             children.append(c)
             router_flags += ["--prefill", c.url, str(bp)]
-        # A decode engine keeps its cores to itself: its HTTP front, like the router, runs on the prefill cores
-        # (a front or router waking up on a decode core would delay a decode step, i.e. every stream's ITL).
+        # Decode engines run on the decode cores with no HTTP front or router beside them: the fronts and the
+        # router run on the prefill cores (one waking up on a decode core would delay a decode step, i.e. every
+        # stream's ITL). Decode engines share a core only when there are more of them than decode cores.
         pre_set, dec_set = set().union(*pre_cpus), set().union(*dec_cpus)
         if not pre_set & dec_set:
             service_cpus = sorted(pre_set)

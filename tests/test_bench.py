@@ -204,7 +204,7 @@ def test_bench_streams_alone_for_a_set_time(server, tmp_path):
     recs = d["records"]
     assert d["failed"] == 0 and {rec["kind"] for rec in recs} == {"decode"} and len(recs) > 2  # restarted
     assert max(rec["start_time"] + rec["e2e"] for rec in recs) >= 1.5  # kept going for 1.5 s
-    assert all(rec["start_time"] < 1.6 for rec in recs)  # and no restart after
+    assert all(rec["start_time"] < 2.0 for rec in recs)  # and no restart after (0.5 s of slack)
     r = bench(server, "--dataset", "interference", "--min-decode-duration", "-1")
     assert r.returncode == 2 and "--min-decode-duration must be >= 0" in r.stderr
 

@@ -42,7 +42,9 @@ def test_decode_emits_the_first_token_before_running_a_decode_step(tmp_path):
         # (a client would otherwise get its first token one decode step late, glued to the second).
         assert first.new_token_ids == decode.engine.requests["r1"].output_ids and len(first.new_token_ids) == 1
         tokens = list(first.new_token_ids)
+        deadline = time.monotonic() + 60
         while len(tokens) < 4:
+            assert time.monotonic() < deadline, f"decoding stalled after {tokens}"
             outs = [o for o in decode.step() if o.rid == "r1"]
             assert all(len(o.new_token_ids) == 1 for o in outs)  # then one token per decode step
             tokens += [t for o in outs for t in o.new_token_ids]

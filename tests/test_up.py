@@ -59,14 +59,16 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
         assert f"http://127.0.0.1:{port}/v1" in out and "curl" in out
         children = descendants(proc.pid)
         assert len(children) >= 3  # router, prefill, decode (+ engine processes)
-        if len(os.sched_getaffinity(0)) >= 2:  # the decode engine has its cores to itself
-            decode_front = next(p for p in children if "--disaggregation-mode decode" in _cmdline(p))
-            engine = next(p for p in descendants(decode_front) if "multiprocessing" in _cmdline(p)
-                          and "resource_tracker" not in _cmdline(p))
-            engine_cpus, front_cpus = os.sched_getaffinity(engine), os.sched_getaffinity(decode_front)
-            assert engine_cpus and front_cpus and not engine_cpus & front_cpus
-            others = [p for p in children if p not in descendants(decode_front) | {decode_front}]
-            assert all(not os.sched_getaffinity(p) & engine_cpus for p in others), "a process shares the decode core"
+        decode_front = next(p for p in children if "--disaggregation-mode decode" in _cmdline(p, full=True))
+        decode_engine = next(p for p in descendants(decode_front) if "spawn_main" in _cmdline(p, full=True))
+        if len(os.sched_getaffinity(0)) >= 2:  # no other process of the deployment runs on the decode's core
+            engine_cpus = os.sched_getaffinity(decode_engine)
+            assert engine_cpus and not engine_cpus & os.sched_getaffinity(decode_front)
+            for p in children - {decode_engine}:
+                try:
+                    assert not os.sched_getaffinity(p) & engine_cpus, f"shares the decode core: {_cmdline(p)}"
+                except ProcessLookupError:
+                    pass  # a short-lived helper process that has exited
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
                        json={"model": "default", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16})
         assert r.status_code == 200, r.text
@@ -86,12 +88,13 @@ def test_up_chat_bench_and_clean_sigterm(tmp_path):
             assert key in data, key
         assert data["completed"] == 4 and data["total_output_tokens"] == 32
         assert sorted(os.listdir(log_dir)) == ["decode-0.log", "prefill-0.log", "router.log"]
-        # PDSERVE_STEP_LOG: each engine (prefill, decode) logged its steps: start, wall ms, CPU ms, running, ctx
-        step_logs = [[line.split() for line in p.read_text().splitlines()] for p in tmp_path.glob("steps.*")]
-        assert len(step_logs) == 2 and all(step_logs), step_logs
-        for rows in step_logs:
+        # PDSERVE_STEP_LOG: each engine (prefill, decode) logged its model steps: start, wall ms, CPU ms, seqs, ctx
+        step_logs = {p.name: [line.split() for line in p.read_text().splitlines()] for p in tmp_path.glob("steps.*")}
+        assert len(step_logs) == 2 and all(step_logs.values()), step_logs  # the prefill's and the decode's model steps
+        for rows in step_logs.values():
             assert all(len(r) == 5 and float(r[1]) >= 0 and float(r[2]) >= 0 for r in rows)
-        assert any(int(r[3]) >= 1 and int(r[4]) >= 32 for rows in step_logs for r in rows)  # decode steps ran
+        decode_rows = step_logs[f"steps.{decode_engine}"]
+        assert all(int(r[3]) >= 1 and int(r[4]) >= 32 for r in decode_rows)  # each a step over >= 1 request
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
@@ -134,6 +137,12 @@ def test_engine_cpus_are_checked():
         asyncio.run(EngineClient.start(EngineConfig(engine_cpus=(4096,))))
 
 
+def test_unwritable_step_log_fails_the_start(monkeypatch, tmp_path):
+    monkeypatch.setenv("PDSERVE_STEP_LOG", str(tmp_path / "missing" / "steps"))  # read by the engine process
+    with pytest.raises(RuntimeError, match="PDSERVE_STEP_LOG=.*cannot write the step log"):
+        asyncio.run(EngineClient.start(EngineConfig(max_total_tokens=1024)))
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -142,9 +151,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> str:
+def _cmdline(pid: int, full: bool = False) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+            text = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return str(pid)
+    return text if full else f"{pid}: {text[:200]}"

@@ -59,7 +59,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                       help="interference: seconds between the decode streams' start and the first long prompt")
     data.add_argument("--min-decode-duration", type=float, default=_D.min_decode_duration,
                       help="interference: keep restarting the decode streams for at least this many seconds "
-                           "(with --num-long-prompts 0: the same streams without interference, as a baseline)")
+                           "(with --num-long-prompts 0: the same streams without interference, as a baseline; "
+                           "at most 100 restarts per stream)")
 
     load = parser.add_argument_group("load", "--request-rate and --max-concurrency shape random and shared-prefix "
                                              "runs; interference follows its own schedule")

@@ -161,6 +161,8 @@ async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long
             rec = await run.send(spec)
             if rec is None or not rec.success:
                 return  # a failing server is not hammered in a loop
+        if not long_done.is_set() or time.perf_counter() < min_end:
+            _log(cfg, f"a decode stream stopped early: {cfg.max_decode_restarts} restarts is the most per stream")
 
     async def long_arrivals() -> None:
         sent: list[Awaitable] = []

@@ -13,7 +13,7 @@ from pdserve.config import EngineConfig
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
 from pdserve.sampling_params import SamplingParams
@@ -74,6 +74,8 @@ class Engine:
         self.max_total_tokens = self.runner.num_slots
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
         self.requests: dict[str, Request] = {}
+        self.num_forward_steps = 0  # model runs so far (steps that scheduled something)
+        self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)
         # Vision-language models: the vision tower runs here unless encode servers compute the embeddings.
         from pdserve.epd.vlm import VLMSpec
 
@@ -151,6 +153,8 @@ class Engine:
             failed.append(self.make_output(req))
         if sched.empty:
             return failed
+        self.num_forward_steps += 1
+        self.last_forward = sched
         try:
             results = self.runner.run(sched)
         except Exception as e:  # fail this batch's requests, keep the engine alive

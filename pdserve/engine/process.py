@@ -31,6 +31,7 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
         if config.engine_cpus:  # before torch starts its thread pool
             _pin(config.engine_cpus)
         engine = create_engine(config, resolved)
+        step_log = _StepLog(engine) if ENVS.step_log else None
     except Exception as e:
         logger.exception("engine failed to start")
         conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
@@ -38,7 +39,7 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
     conn.send(EngineReady(engine.max_total_tokens, engine.context_len, resolved.source_path,
                           resolved.model_type, (resolved.architecture,)))
     try:
-        _loop(engine, conn)
+        _loop(engine, conn, step_log)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the front went away
 
@@ -72,7 +73,7 @@ def create_engine(config: EngineConfig, resolved: ResolvedModel):
     return Engine(config, resolved)
 
 
-def _loop(engine, conn: Connection) -> None:
+def _loop(engine, conn: Connection, step_log: _StepLog | None = None) -> None:
     # PD engines also wait on their control socket and wake up for deadlines and in-flight transfers.
     poller = None
     sockets = getattr(engine, "control_sockets", None)
@@ -85,7 +86,6 @@ def _loop(engine, conn: Connection) -> None:
         poller.register(conn.fileno(), zmq.POLLIN)
         for sock in sockets:
             poller.register(sock, zmq.POLLIN)
-    step_log = _StepLog(engine) if ENVS.step_log else None
     while True:
         if not engine.has_work:
             if poller is None:
@@ -125,18 +125,25 @@ def _handle(engine, msg):
 
 
 class _StepLog:
-    """PDSERVE_STEP_LOG=PREFIX: one line per engine step to PREFIX.<pid> (for studying step-time jitter):
-    start (monotonic s), wall ms, this thread's CPU ms, running requests, their total context tokens."""
+    """PDSERVE_STEP_LOG=PREFIX: one line per model step to PREFIX.<pid> (for studying step-time jitter):
+    start (monotonic s), wall ms, this thread's CPU ms, sequences in the step, their context tokens after it.
+    Loop passes that ran no model (idle polls, PD control work) are not logged."""
 
     def __init__(self, engine):
-        self._sched = getattr(getattr(engine, "engine", engine), "scheduler", None)  # PD sides wrap an Engine
-        self._f = open(f"{ENVS.step_log}.{os.getpid()}", "w", buffering=1)
+        self._engine = getattr(engine, "engine", engine)  # PD sides wrap an Engine
+        try:
+            self._f = open(f"{ENVS.step_log}.{os.getpid()}", "w", buffering=1)
+        except OSError as e:
+            raise ValueError(f"PDSERVE_STEP_LOG={ENVS.step_log}: cannot write the step log ({e.strerror})") from None
 
     def step(self, engine) -> list:
+        before = getattr(self._engine, "num_forward_steps", None)
         t0, c0 = time.monotonic(), time.thread_time()
         outs = engine.step()
         t1, c1 = time.monotonic(), time.thread_time()
-        running = self._sched.running if self._sched is not None else []
-        ctx = sum(r.num_computed_tokens for r in running)
-        self._f.write(f"{t0:.4f} {1e3 * (t1 - t0):.2f} {1e3 * (c1 - c0):.2f} {len(running)} {ctx}\n")
+        if before is None or self._engine.num_forward_steps == before:
+            return outs
+        seqs = self._engine.last_forward.seqs
+        ctx = sum(s.req.num_computed_tokens for s in seqs)
+        self._f.write(f"{t0:.4f} {1e3 * (t1 - t0):.2f} {1e3 * (c1 - c0):.2f} {len(seqs)} {ctx}\n")
         return outs
