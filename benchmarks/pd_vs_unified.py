@@ -70,12 +70,12 @@ def main() -> None:
     logs = tempfile.mkdtemp(prefix="pd-vs-unified-")
     # The load generator runs on the first core, as `pdserve up` puts the router there (the prefill's core in
     # PD); the deployments are started before the pinning and keep their own.
-    first_core = min(os.sched_getaffinity(0))
+    all_cores = os.sched_getaffinity(0)
+    first_core = min(all_cores)
     for label, unified in (("unified (2 cores, chunked)", True), (f"PD 1P+1D ({a.backend})", False)):
         if a.only and a.only != ("unified" if unified else "pd"):
             continue
         dep, url = start(unified, a.backend, os.path.join(logs, "unified" if unified else "pd"))
-        all_cores = os.sched_getaffinity(0)
         os.sched_setaffinity(0, {first_core})
         try:
             r = asyncio.run(run_benchmarks({label: workload(url, label, a)}))[label]

@@ -150,10 +150,13 @@ async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long
     long_done = asyncio.Event()
     min_end = run.t0 + cfg.min_decode_duration
 
+    def streams_wanted() -> bool:
+        return not long_done.is_set() or time.perf_counter() < min_end
+
     async def decode_stream(spec: RequestSpec) -> None:
         for n in range(cfg.max_decode_restarts + 1):
             if n > 0:
-                if (long_done.is_set() and time.perf_counter() >= min_end) or run.expired():
+                if not streams_wanted() or run.expired():
                     return
                 spec = datasets.decode_request(cfg, rng, next_index())
                 run.pbar.total += 1
@@ -161,7 +164,7 @@ async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long
             rec = await run.send(spec)
             if rec is None or not rec.success:
                 return  # a failing server is not hammered in a loop
-        if not long_done.is_set() or time.perf_counter() < min_end:
+        if streams_wanted():
             _log(cfg, f"a decode stream stopped early: {cfg.max_decode_restarts} restarts is the most per stream")
 
     async def long_arrivals() -> None:

@@ -74,7 +74,6 @@ class Engine:
         self.max_total_tokens = self.runner.num_slots
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
         self.requests: dict[str, Request] = {}
-        self.num_forward_steps = 0  # model runs so far (steps that scheduled something)
         self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)
         # Vision-language models: the vision tower runs here unless encode servers compute the embeddings.
         from pdserve.epd.vlm import VLMSpec
@@ -153,7 +152,6 @@ class Engine:
             failed.append(self.make_output(req))
         if sched.empty:
             return failed
-        self.num_forward_steps += 1
         self.last_forward = sched
         try:
             results = self.runner.run(sched)

@@ -137,13 +137,14 @@ class _StepLog:
             raise ValueError(f"PDSERVE_STEP_LOG={ENVS.step_log}: cannot write the step log ({e.strerror})") from None
 
     def step(self, engine) -> list:
-        before = getattr(self._engine, "num_forward_steps", None)
+        before = getattr(self._engine, "last_forward", None)
         t0, c0 = time.monotonic(), time.thread_time()
         outs = engine.step()
         t1, c1 = time.monotonic(), time.thread_time()
-        if before is None or self._engine.num_forward_steps == before:
+        forward = getattr(self._engine, "last_forward", None)
+        if forward is before:  # no model run (each run leaves a new SchedulerOutput)
             return outs
-        seqs = self._engine.last_forward.seqs
+        seqs = forward.seqs
         ctx = sum(s.req.num_computed_tokens for s in seqs)
         self._f.write(f"{t0:.4f} {1e3 * (t1 - t0):.2f} {1e3 * (c1 - c0):.2f} {len(seqs)} {ctx}\n")
         return outs
