@@ -31,6 +31,7 @@ class Envs:
     disagg_nixl_backend: str
     cache_dir: str
     disable_cpu_kernels: bool
+    cpu_isa: str  # "" (auto) or the highest ISA path pdserve's kernels and torch may use: avx512|avx2|portable
     cc: str
     epd_image_max_bytes: int
     epd_image_max_pixels: int
@@ -52,6 +53,7 @@ def _read() -> Envs:
         disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
         cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
         disable_cpu_kernels=os.environ.get("PDSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"),
+        cpu_isa=os.environ.get("PDSERVE_CPU_ISA", "").strip().lower(),
         cc=os.environ.get("CC", "gcc"),
         epd_image_max_bytes=_int("PDSERVE_IMAGE_MAX_BYTES", 20 << 20),
         epd_image_max_pixels=_int("PDSERVE_IMAGE_MAX_PIXELS", 40_000_000),
@@ -63,4 +65,15 @@ def _read() -> Envs:
     )
 
 
+# PDSERVE_CPU_ISA=avx2|portable also caps torch's own kernels (MKL, oneDNN, ATen), so that a machine with a
+# wider ISA runs the whole stack as a machine of the lower kind does. They read these once, at first use: this
+# runs when pdserve is imported, which must come before torch's first matmul (a variable already set wins).
+TORCH_ISA_CAPS = {
+    "avx2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "portable": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "ATEN_CPU_CAPABILITY": "default"},
+}
+
 ENVS = _read()
+for _name, _value in TORCH_ISA_CAPS.get(ENVS.cpu_isa, {}).items():
+    os.environ.setdefault(_name, _value)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+import pdserve  # noqa: F401  first: PDSERVE_CPU_ISA caps torch's kernels too, before anything loads torch
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_TIMEOUT_S = 180.0
 API_KEY = "test-key-123"

@@ -1,4 +1,5 @@
-"""The fp32 CPU kernels (pdserve/model/cpu_kernels.c) against the plain torch ops they replace."""
+"""The fp32 CPU kernels (pdserve/model/cpu_kernels.c) against the plain torch ops they replace, on every ISA
+path this CPU can run (an AVX-512 machine also runs the AVX2 and portable builds; an AVX2 one, two of them)."""
 
 import shutil
 
@@ -11,21 +12,27 @@ from pdserve.model import cpu_kernels
 from pdserve.model.ops import KernelOps, TorchOps
 
 HAS_CC = shutil.which(ENVS.cc) is not None or shutil.which("cc") is not None
-KERNELS = cpu_kernels.load()
-pytestmark = pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch path runs instead")
+pytestmark = [pytest.mark.skipif(not HAS_CC, reason="no C compiler: the torch path runs instead"),
+              pytest.mark.skipif(ENVS.disable_cpu_kernels, reason="PDSERVE_DISABLE_CPU_KERNELS is set")]
+ISAS = cpu_kernels.cpu_isas()
 
 
-def test_kernels_build_where_a_compiler_exists():
-    assert KERNELS is not None, "a C compiler is present but cpu_kernels.c did not build (see the warning above)"
+def test_every_path_builds_where_a_compiler_exists():
+    for isa in ISAS:
+        kernels = cpu_kernels.load(isa)
+        assert kernels is not None, f"a C compiler is present but the {isa} kernels did not build (see the warning)"
+        assert kernels.isa == isa and kernels.panel_width in (8, 16, 32)
+    assert ISAS[-1] == "portable"
+    assert cpu_kernels.default_isa() in ISAS
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, MAX_POS = 6, 2, 64, 256
 
 
-@pytest.fixture(scope="module")
-def ops() -> tuple[TorchOps, KernelOps]:
+@pytest.fixture(scope="module", params=ISAS)
+def ops(request) -> tuple[TorchOps, KernelOps]:
     g = torch.Generator().manual_seed(0)
     cos, sin = torch.rand(MAX_POS, HEAD_DIM, generator=g), torch.rand(MAX_POS, HEAD_DIM, generator=g)
-    return TorchOps(cos, sin, torch.float32), KernelOps(KERNELS, cos, sin)
+    return TorchOps(cos, sin, torch.float32), KernelOps(cpu_kernels.load(request.param), None, cos, sin)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
@@ -54,7 +61,8 @@ def test_rmsnorm_and_silu_mul(ops):
     ref_ops, kern = ops
     x, w = torch.randn(5, 576), torch.randn(576)
     torch.testing.assert_close(kern.rmsnorm(x, w, 1e-5), ref_ops.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-5)
-    gu = torch.randn(5, 2 * 1536)
+    gu = torch.randn(5, 2 * 1539) * 8  # 1539: a tail past the last full vector; * 8: both signs far from 0
+    gu[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
     torch.testing.assert_close(kern.silu_mul(gu), ref_ops.silu_mul(gu), rtol=1e-5, atol=1e-5)
 
 

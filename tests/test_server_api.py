@@ -232,6 +232,10 @@ def test_info_endpoints(server):
         assert info["tp_size"] == 1 and info["dp_size"] == 1 and info["disaggregation_mode"] == "null"
         assert info["max_total_tokens"] > 0 and info["version"] and info["served_model_name"]
         assert info["model_path"].startswith("/") and info["disaggregation_bootstrap_port"] == 8998
+        kernels = info["cpu_kernels"]  # the load-time self-check's outcome: the ISA path and each op's path
+        if kernels["isa"] != "none":
+            assert kernels["isa"] in kernels["cpu_isas"] and len(kernels["ops"]) == 9
+            assert all(o["path"] in ("kernel", "torch", "mixed") for o in kernels["ops"].values())
     for path in ("/model_info", "/get_model_info"):
         info = get(path).json()
         assert info["is_generation"] is True and info["model_type"] == "llama"

@@ -59,6 +59,7 @@ class DecodeEngine:
         self.config = config
         self.engine = Engine(config, resolved)
         self.max_total_tokens, self.context_len = self.engine.max_total_tokens, self.engine.context_len
+        self.kernel_plan = self.engine.kernel_plan
         self.link = DisaggLink(self.engine, config, "decode", num_meta_rows=4 * config.max_running_requests + 16)
         self.pool = ThreadPoolExecutor(ENVS.disagg_thread_pool_size, thread_name_prefix="bootstrap")
         self.peers: dict[str, PrefillPeer] = {}

@@ -41,6 +41,7 @@ class PrefillEngine:
     def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
         self.engine = Engine(config, resolved)
         self.max_total_tokens, self.context_len = self.engine.max_total_tokens, self.engine.context_len
+        self.kernel_plan = self.engine.kernel_plan
         self.link = DisaggLink(self.engine, config, "prefill", num_meta_rows=4 * config.max_running_requests + 16)
         self.engine.scheduler.kv_hold = self._start_transfer
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination

@@ -72,6 +72,7 @@ class Engine:
         self.runner = ModelRunner(config, self.resolved.hf_dir, self.eos_token_ids)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.num_slots
+        self.kernel_plan = self.runner.model.ops.plan  # which op runs a CPU kernel, which runs torch
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
         self.requests: dict[str, Request] = {}
         self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.disagg.messages import BootstrapInfo
+from pdserve.model.kernel_plan import KernelPlan
 from pdserve.sampling_params import SamplingParams
 
 
@@ -92,6 +93,7 @@ class EngineReady:
     model_path: str
     model_type: str
     architectures: tuple[str, ...]
+    cpu_kernels: KernelPlan | None = None  # None: not a CPU fp32 model
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
         conn.send(EngineFailed(f"{type(e).__name__}: {e}"))
         return
     conn.send(EngineReady(engine.max_total_tokens, engine.context_len, resolved.source_path,
-                          resolved.model_type, (resolved.architecture,)))
+                          resolved.model_type, (resolved.architecture,), engine.kernel_plan))
     try:
         _loop(engine, conn, step_log)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):

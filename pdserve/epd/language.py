@@ -29,6 +29,7 @@ class LanguageEngine:
 
             self.inner = self.engine = Engine(config, resolved)
         self.max_total_tokens, self.context_len = self.engine.max_total_tokens, self.engine.context_len
+        self.kernel_plan = self.engine.kernel_plan
         self.receiver = None
         if self.engine.vlm is not None:
             from pdserve.epd.receiver import EmbeddingReceiver

@@ -1,36 +1,55 @@
 // fp32 CPU kernels for the decode-heavy parts of the Llama forward (built at first use by cpu_kernels.py).
 //
-// Linear weights are packed in panels of PW output columns: P[NP][K][PW] (NP = ceil(N / PW), zero padded),
-// so a thread streams each panel once, sequentially, for every row tile of x. Every output element is
-// accumulated in the same k order whatever the batch size, so a request's numbers do not depend on its batch.
+// One source, built once per ISA path with -DPD_ISA=...: 3 (AVX-512: 16-lane vectors, 32 vector registers),
+// 2 (AVX2 + FMA: 8 lanes, 16 registers) and 1 (portable: 4 lanes, which the compiler maps to whatever the target
+// has: SSE2 on x86, NEON on aarch64). The code is plain C with GCC/Clang vector types; only the lane count and
+// the register tile change per path, so every path computes the same algorithm in the same order.
+//
+// Linear weights are packed in panels of PW = 2 vectors of output columns: P[NP][K][PW] (NP = ceil(N / PW),
+// zero padded), so a thread streams each panel once, sequentially, for every row tile of x. Every output
+// element is accumulated in the same k order whatever the batch size, so a request's numbers do not depend
+// on its batch.
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define PW 32 /* panel width: columns per panel */
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-
-#ifdef __AVX512F__
-#define MT_MAX 8 /* rows per micro tile: 2 * MT_MAX accumulators must fit the 32 vector registers */
-#else
-#define MT_MAX 4
+#ifndef PD_ISA
+#define PD_ISA 1
 #endif
+#if PD_ISA == 3
+#define VL 16 /* lanes per vector */
+#define MT_MAX 8 /* rows per micro tile: 2 * MT_MAX accumulators + 2 weight vectors fit 32 registers */
+#elif PD_ISA == 2
+#define VL 8
+#define MT_MAX 6 /* 12 accumulators + 2 weight vectors + 1 broadcast = 15 of the 16 ymm registers */
+#else
+#define VL 4
+#define MT_MAX 4 /* 8 accumulators: fits SSE2's 16 registers (no FMA: products need temporaries) and NEON's 32 */
+#endif
+#define PW (2 * VL) /* panel width: columns per panel */
 
-static inline v16 ld(const float* p) { return *(const v16u*)p; }
-static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vfu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+int pd_isa(void) { return PD_ISA; }
+int pd_panel_width(void) { return PW; }
+
+static inline vf ld(const float* p) { return *(const vfu*)p; }
+static inline void st(float* p, vf v) { *(vfu*)p = v; }
+static inline vf splat(float a) { return a - (vf){0}; }
 
 // y[m, n0:n0+cols] = x[m, :] . panel (+ bias + add) for MT rows starting at x.
 #define MICRO(MT)                                                                                     \
     static void micro_##MT(const float* x, int64_t xs, int64_t K, const float* p, float* y, int64_t ys, \
                            int cols, const float* bias, const float* add, int64_t as) {                \
-        v16 acc[MT][2];                                                                               \
-        for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = (v16){0};                                \
+        vf acc[MT][2];                                                                                \
+        for (int m = 0; m < MT; m++) acc[m][0] = acc[m][1] = (vf){0};                                 \
         for (int64_t k = 0; k < K; k++) {                                                             \
-            v16 w0 = ld(p + k * PW), w1 = ld(p + k * PW + 16);                                        \
+            vf w0 = ld(p + k * PW), w1 = ld(p + k * PW + VL);                                         \
             for (int m = 0; m < MT; m++) {                                                            \
-                float a = x[m * xs + k];                                                              \
+                vf a = splat(x[m * xs + k]);                                                          \
                 acc[m][0] += a * w0;                                                                  \
                 acc[m][1] += a * w1;                                                                  \
             }                                                                                         \
@@ -38,7 +57,7 @@ static inline void st(float* p, v16 v) { *(v16u*)p = v; }
         for (int m = 0; m < MT; m++) {                                                                \
             float out[PW];                                                                            \
             st(out, acc[m][0]);                                                                       \
-            st(out + 16, acc[m][1]);                                                                  \
+            st(out + VL, acc[m][1]);                                                                  \
             for (int j = 0; j < cols; j++) {                                                          \
                 float v = out[j];                                                                     \
                 if (bias) v += bias[j];                                                               \
@@ -51,9 +70,11 @@ MICRO(1)
 MICRO(2)
 MICRO(3)
 MICRO(4)
-#if MT_MAX == 8
+#if MT_MAX >= 6
 MICRO(5)
 MICRO(6)
+#endif
+#if MT_MAX == 8
 MICRO(7)
 MICRO(8)
 #endif
@@ -61,8 +82,11 @@ MICRO(8)
 typedef void (*micro_fn)(const float*, int64_t, int64_t, const float*, float*, int64_t, int, const float*,
                          const float*, int64_t);
 static const micro_fn MICROS[] = {0, micro_1, micro_2, micro_3, micro_4,
+#if MT_MAX >= 6
+                                  micro_5, micro_6,
+#endif
 #if MT_MAX == 8
-                                  micro_5, micro_6, micro_7, micro_8
+                                  micro_7, micro_8
 #endif
 };
 
@@ -119,16 +143,6 @@ void pd_rmsnorm(const float* x, int64_t M, int64_t H, int64_t xs, const float* w
     }
 }
 
-// out [M, I] = silu(gu[:, :I]) * gu[:, I:]   (gu [M, 2I])
-void pd_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
-#pragma omp parallel for schedule(static) if (M > 4)
-    for (int64_t m = 0; m < M; m++) {
-        const float* g = gu + m * 2 * I;
-        const float* u = g + I;
-        for (int64_t i = 0; i < I; i++) out[m * I + i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
-}
-
 static inline void rope_row(const float* src, const float* cos, const float* sin, int64_t D, float* dst) {
     int64_t h = D / 2;
     for (int64_t i = 0; i < h; i++) {
@@ -154,58 +168,85 @@ void pd_rope_store(const float* qkv, int64_t T, const int64_t* positions, const 
     }
 }
 
-// q . k over D elements, 16 lanes at a time (a fixed order: the same for every batch).
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-// Sum of the 16 lanes by halving (a fixed order).
-static inline float hsum(v16 a) {
-    a += __builtin_shuffle(a, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    a += __builtin_shuffle(a, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
-    a += __builtin_shuffle(a, (v16i){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
-    a += __builtin_shuffle(a, (v16i){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+// Sum of the VL lanes by halving (a fixed order).
+static inline float hsum(vf a) {
+#if VL == 16
+    a += __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a += __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3});
+    a += __builtin_shuffle(a, (vi){2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1});
+    a += __builtin_shuffle(a, (vi){1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0});
+#elif VL == 8
+    a += __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3});
+    a += __builtin_shuffle(a, (vi){2, 3, 0, 1, 2, 3, 0, 1});
+    a += __builtin_shuffle(a, (vi){1, 0, 1, 0, 1, 0, 1, 0});
+#else
+    a += __builtin_shuffle(a, (vi){2, 3, 0, 1});
+    a += __builtin_shuffle(a, (vi){1, 0, 1, 0});
+#endif
     return a[0];
 }
 
+// q . k over D elements, VL lanes at a time (a fixed order: the same for every batch).
 static inline float dot(const float* q, const float* k, int64_t D) {
-    v16 acc = {0};
+    vf acc = {0};
     int64_t e = 0;
-    for (; e + 16 <= D; e += 16) acc += ld(q + e) * ld(k + e);
+    for (; e + VL <= D; e += VL) acc += ld(q + e) * ld(k + e);
     float d = hsum(acc);
     for (; e < D; e++) d += q[e] * k[e];
     return d;
 }
 
-// exp(x) for x <= 0, 16 lanes: 2^n * p(r) with r = x - n ln2 (Cody-Waite) and a degree-6 polynomial
+// exp(x) for x <= 0, VL lanes: 2^n * p(r) with r = x - n ln2 (Cody-Waite) and a degree-6 polynomial
 // (within 2 ulp of expf); exp of x < -87 flushes to 0.
-static inline v16 exp_neg(v16 x) {
-    const v16i under = x < -87.0f;  // lanes that flush to 0 (all ones where true)
-    x = (v16)(((v16i)x & ~under) | ((v16i)((v16){0} - 87.0f) & under));
-    v16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
-    v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v16 p = 1.0f / 720 + r * 0;
+static inline vf exp_neg(vf x) {
+    const vi under = x < -87.0f;  // lanes that flush to 0 (all ones where true)
+    x = (vf)(((vi)x & ~under) | ((vi)splat(-87.0f) & under));
+    vf n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
+    vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = 1.0f / 720 + r * 0;
     p = p * r + 1.0f / 120;
     p = p * r + 1.0f / 24;
     p = p * r + 1.0f / 6;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16 y = p * (v16)bits;
-    return (v16)((v16i)y & ~under);
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * (vf)bits;
+    return (vf)((vi)y & ~under);
 }
 
 // s[j] = exp(s[j] - mx) for j < n; returns their sum (lanes summed in a fixed order).
 static inline float exp_sum(float* s, int64_t n, float mx) {
-    v16 acc = {0};
+    vf acc = {0};
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-        v16 e = exp_neg(ld(s + j) - mx);
+    for (; j + VL <= n; j += VL) {
+        vf e = exp_neg(ld(s + j) - mx);
         st(s + j, e);
         acc += e;
     }
     float sum = hsum(acc);
     for (; j < n; j++) sum += (s[j] = expf(s[j] - mx));
     return sum;
+}
+
+// out [M, I] = silu(gu[:, :I]) * gu[:, I:]   (gu [M, 2I]); silu(g) = g * sigmoid(g), with e = exp(-|g|):
+// sigmoid(g) = 1 / (1 + e) for g >= 0 and e / (1 + e) for g < 0 (never exp of a positive number).
+void pd_silu_mul(const float* gu, int64_t M, int64_t I, float* out) {
+#pragma omp parallel for schedule(static) if (M > 4)
+    for (int64_t m = 0; m < M; m++) {
+        const float* g = gu + m * 2 * I;
+        const float* u = g + I;
+        float* o = out + m * I;
+        int64_t i = 0;
+        for (; i + VL <= I; i += VL) {
+            vf gv = ld(g + i);
+            vi neg = gv < 0.0f;
+            vf e = exp_neg((vf)((vi)gv | (vi)splat(-0.0f)));  // exp(-|g|)
+            vf num = (vf)(((vi)e & neg) | ((vi)splat(1.0f) & ~neg));
+            st(o + i, gv * num / (1.0f + e) * ld(u + i));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
 }
 
 #define ATT_CHUNK 256 /* context tokens per task; partial softmaxes are merged after (flash-decoding) */

@@ -1,10 +1,16 @@
 """fp32 CPU kernels (cpu_kernels.c), compiled with the system C compiler at first use and cached.
 
-The shared library is keyed by the source, the compiler and this CPU's flags, built into a temporary file and
-renamed into place (several servers may start at once). It links the OpenMP runtime torch has already
-loaded (same soname), so kernels and torch share one thread pool sized by torch.set_num_threads().
-`load()` returns None when no compiler is found or PDSERVE_DISABLE_CPU_KERNELS=1; the model then runs
-its plain torch path.
+The one source builds one library per ISA path: `avx512` (16-lane vectors, 8-row tiles), `avx2` (AVX2 + FMA,
+8 lanes, 6-row tiles fitted to 16 registers) and `portable` (4-lane vectors the compiler maps to SSE2 on x86 or
+NEON on aarch64; no ISA flags). `cpu_isas()` lists the paths this CPU can run, from what it reports;
+`default_isa()` is the best of them, or the one PDSERVE_CPU_ISA caps it to (envs.py caps torch the same way).
+Which op then runs the kernel and which runs torch is decided at model load by kernel_check.py.
+
+A library is keyed by the source, the compiler, its flags and the machine, built into a temporary file and
+renamed into place (several servers may start at once). It links the OpenMP runtime torch has already loaded
+(same soname), so kernels and torch share one thread pool sized by torch.set_num_threads(). `load()` returns
+None when no compiler is found, the build fails or PDSERVE_DISABLE_CPU_KERNELS=1; the model then runs its plain
+torch path.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -27,9 +34,15 @@ from pdserve.model.host_memory import host_zeros
 logger = logging.getLogger(__name__)
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_kernels.c")
-PANEL_WIDTH = 32  # PW in cpu_kernels.c
 ATT_MAX_HEADS = 64  # ATT_MAX_HEADS in cpu_kernels.c
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+ISAS = ("avx512", "avx2", "portable")  # best first
+# PD_ISA in cpu_kernels.c, the compiler flags, and the CPU flags (x86 /proc/cpuinfo) each path needs.
+_ISA_BUILD = {
+    "avx512": (3, ("-mavx512f", "-mavx2", "-mfma"), frozenset({"avx512f", "avx2", "fma"})),
+    "avx2": (2, ("-mavx2", "-mfma"), frozenset({"avx2", "fma"})),
+    "portable": (1, (), frozenset()),
+}
+_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 _I64, _F32, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _SIGNATURES = {
     "pd_pack": [_P, _I64, _I64, _I64, _P],
@@ -50,28 +63,53 @@ class PackedLinear:
     out_features: int  # N
 
 
-def _cpu_flags() -> str:
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return ""
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
-def _build(cc: str) -> str:
+def cpu_isas() -> tuple[str, ...]:
+    """The kernel paths this CPU can run, best first (the portable one always)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ("portable",)
+    flags = _cpu_flags()
+    return tuple(isa for isa in ISAS if _ISA_BUILD[isa][2] <= flags)
+
+
+def default_isa() -> str:
+    """The best path this CPU runs, capped by PDSERVE_CPU_ISA."""
+    available = cpu_isas()
+    want = ENVS.cpu_isa
+    if want in ("", "auto"):
+        return available[0]
+    if want not in ISAS:
+        raise ValueError(f"PDSERVE_CPU_ISA must be auto|{'|'.join(ISAS)}, got {want!r}")
+    if want not in available:
+        logger.warning("PDSERVE_CPU_ISA=%s: this CPU cannot run it; using %s", want, available[0])
+        return available[0]
+    return want
+
+
+def _build(cc: str, isa: str) -> str:
     with open(_SRC, "rb") as f:
         src = f.read()
+    level, isa_flags, _ = _ISA_BUILD[isa]
+    flags = [*_FLAGS, f"-DPD_ISA={level}", *isa_flags]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(src + repr((version, _FLAGS, _cpu_flags())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + repr((version, flags, platform.machine())).encode()).hexdigest()[:16]
     out_dir = os.path.join(ENVS.cache_dir, "kernels")
-    path = os.path.join(out_dir, f"cpu_kernels-{key}.so")
+    path = os.path.join(out_dir, f"cpu_kernels-{isa}-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, _SRC, "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -79,21 +117,25 @@ def _build(cc: str) -> str:
     return path
 
 
-@lru_cache(maxsize=1)
-def load() -> CpuKernels | None:
+@lru_cache(maxsize=None)
+def load(isa: str | None = None) -> CpuKernels | None:
+    """The kernels of one ISA path (default: default_isa()); None where they cannot run here."""
     if ENVS.disable_cpu_kernels:
         return None
-    cc = shutil.which(ENVS.cc) or shutil.which("cc")  # GCC: the source uses GCC vector builtins
+    isa = isa or default_isa()
+    if isa not in cpu_isas():
+        raise ValueError(f"this CPU cannot run the {isa} kernels (it runs {', '.join(cpu_isas())})")
+    cc = shutil.which(ENVS.cc) or shutil.which("cc")  # GCC or Clang: the source uses their vector extensions
     if cc is None:
         logger.warning("no C compiler found: CPU kernels off, the torch path runs instead (slower decode)")
         return None
     try:
-        lib = ctypes.CDLL(_build(cc))
+        lib = ctypes.CDLL(_build(cc, isa))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
-        logger.warning("CPU kernels failed to build (%s): the torch path runs instead", detail)
+        logger.warning("CPU kernels (%s) failed to build (%s): the torch path runs instead", isa, detail)
         return None
-    return CpuKernels(lib)
+    return CpuKernels(lib, isa)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -103,16 +145,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class CpuKernels:
     """Thin typed wrappers; every tensor is fp32 (int64 for indices), on CPU, with a unit inner stride."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, isa: str):
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, None
-        self.lib = lib
+        if lib.pd_isa() != _ISA_BUILD[isa][0]:
+            raise ValueError(f"kernel library built for PD_ISA={lib.pd_isa()}, expected {isa}")
+        self.lib, self.isa = lib, isa
+        self.panel_width = lib.pd_panel_width()  # PW in cpu_kernels.c
 
     def pack(self, w_t: torch.Tensor) -> PackedLinear:
         k, n = w_t.shape  # [K, N]
         w_t = w_t.contiguous()
-        panels = host_zeros(((n + PANEL_WIDTH - 1) // PANEL_WIDTH, k, PANEL_WIDTH), torch.float32)
+        pw = self.panel_width
+        panels = host_zeros(((n + pw - 1) // pw, k, pw), torch.float32)
         self.lib.pd_pack(w_t.data_ptr(), k, n, n, panels.data_ptr())
         return PackedLinear(panels, k, n)
 

@@ -107,27 +107,29 @@ class LlamaForCausalLM:
             return sd[name].to(device=device, dtype=dtype).contiguous()
 
         self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
-        self.ops = pick_ops(device, dtype, self.cos, self.sin)
-        pack = self.ops.pack  # takes W_t [in, out]
+        self.ops = pick_ops(device, dtype, self.cos, self.sin, a)
+        pack = self.ops.pack  # takes W_t [in, out] and the op's name (the self-check chose per op)
         self.embed = w("model.embed_tokens.weight")  # [V, H]
         self.norm = w("model.norm.weight")
         tied = a.tie_word_embeddings and "lm_head.weight" not in sd
-        self.lm_head = pack((self.embed if tied else w("lm_head.weight")).t())  # [H, V]
+        self.lm_head = pack((self.embed if tied else w("lm_head.weight")).t(), "linear.lm_head")  # [H, V]
         self.layers = []
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            qkv = pack(torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).t())  # [H, (nH+2nKV)*D]
+            qkv_w = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])  # [(nH+2nKV)*D, H]
+            qkv = pack(qkv_w.t(), "linear.qkv")
             bias = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if a.qkv_bias else None
-            gate_up = pack(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]).t())  # [H, 2I]
+            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2I, H]
+            gate_up = pack(gate_up_w.t(), "linear.gate_up")
             self.layers.append(
                 dict(
                     in_norm=w(p + "input_layernorm.weight"),
                     qkv=qkv,
                     qkv_bias=bias,
-                    o=pack(w(p + "self_attn.o_proj.weight").t()),  # [nH*D, H]
+                    o=pack(w(p + "self_attn.o_proj.weight").t(), "linear.o"),  # [nH*D, H]
                     post_norm=w(p + "post_attention_layernorm.weight"),
                     gate_up=gate_up,
-                    down=pack(w(p + "mlp.down_proj.weight").t()),  # [I, H]
+                    down=pack(w(p + "mlp.down_proj.weight").t(), "linear.down"),  # [I, H]
                 )
             )
         self.scale = a.head_dim**-0.5

@@ -1,16 +1,37 @@
 """The per-layer operations of the Llama forward, in two interchangeable implementations.
 
-`TorchOps` is plain torch and runs on any device and dtype. On CPU in fp32 the forward uses `CpuKernels`
-(cpu_kernels.py) instead: same methods, same results to fp32 rounding, and decode-time steps several times
-faster (packed-panel GEMV/GEMM, attention reading K/V in place, fused rope + KV write). `pick_ops` chooses.
+`TorchOps` is plain torch and runs on any device and dtype. On CPU in fp32 the forward uses `KernelOps`:
+the same methods through `CpuKernels` (cpu_kernels.py; same results to fp32 rounding; packed-panel GEMV/GEMM,
+attention reading K/V in place, fused rope + KV write), op by op and batch size by batch size as the load-time
+self-check decided (kernel_check.py): where a kernel was wrong or slower than torch, torch runs it.
+`pick_ops` chooses.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.model import cpu_kernels
+from pdserve.model.host_memory import host_zeros
+from pdserve.model.kernel_check import check_kernels
+from pdserve.model.kernel_plan import KernelPlan, OpChoice
+
+if TYPE_CHECKING:
+    from pdserve.model.llama import LlamaArch
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A linear layer's weight in the forms its op runs: panels for the kernel, W_t [in, out] for torch
+    (both where the self-check picked the kernel for some batch sizes and torch for others)."""
+
+    choice: OpChoice | None  # None: the kernel for every batch size
+    packed: cpu_kernels.PackedLinear | None
+    w_t: torch.Tensor | None
 
 
 class TorchOps:
@@ -19,9 +40,20 @@ class TorchOps:
         self._mask_lens: torch.Tensor | None = None  # the step's lens the cached decode mask was built from
         self._mask: torch.Tensor | None = None
 
-    def pack(self, w_t: torch.Tensor) -> torch.Tensor:
-        # Kept as W_t [in, out]: x @ W_t reads it at about twice the bandwidth of F.linear on CPU.
-        return w_t.contiguous()
+    def pack(self, w_t: torch.Tensor, op: str = "linear") -> torch.Tensor:
+        # Kept as W_t [in, out]: x @ W_t reads it at about twice the bandwidth of F.linear on CPU; on CPU on
+        # huge pages (host_memory.py), which streams a decode step's weights faster.
+        if w_t.device.type != "cpu":
+            return w_t.contiguous()
+        out = host_zeros(tuple(w_t.shape), w_t.dtype)
+        out.copy_(w_t)
+        return out
+
+    kernel_note = "torch runs every op"  # why no CPU kernel runs (pick_ops says more)
+
+    @property
+    def plan(self) -> KernelPlan:
+        return KernelPlan("none", cpu_kernels.cpu_isas(), (), self.kernel_note)
 
     def linear(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None,
                add: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,44 +103,76 @@ class TorchOps:
 
 
 class KernelOps(TorchOps):
-    """fp32 on CPU through cpu_kernels; prefill attention stays torch's (inherited)."""
+    """fp32 on CPU through cpu_kernels where the plan says so; prefill attention stays torch's (inherited).
+    plan None: every op runs its kernel (the self-check and the kernel tests use this)."""
 
-    def __init__(self, kernels: cpu_kernels.CpuKernels, cos: torch.Tensor, sin: torch.Tensor):
+    def __init__(self, kernels: cpu_kernels.CpuKernels, plan: KernelPlan | None, cos: torch.Tensor,
+                 sin: torch.Tensor):
         super().__init__(cos.contiguous(), sin.contiguous(), torch.float32)
         self.k = kernels
+        self._plan = plan
 
-    def pack(self, w_t: torch.Tensor) -> cpu_kernels.PackedLinear:
-        return self.k.pack(w_t)
+    @property
+    def plan(self) -> KernelPlan:
+        return self._plan if self._plan is not None else KernelPlan(self.k.isa, cpu_kernels.cpu_isas(), (),
+                                                                    "every op runs its kernel (unchecked)")
 
-    def linear(self, x, w, bias=None, add=None):
-        # The residual add happens in place: `add` is the residual stream, not read again before this returns.
-        return self.k.linear(x.contiguous(), w, bias, add, out=add)
+    def _kernel(self, op: str, rows: int) -> bool:
+        return self._plan is None or self._plan.choice(op).kernel_for(rows)
+
+    def pack(self, w_t: torch.Tensor, op: str = "linear") -> LinearWeight:
+        if self._plan is None:
+            return LinearWeight(None, self.k.pack(w_t), None)
+        choice = self._plan.choice(op)
+        picks = {choice.kernel_for(t.rows) for t in choice.timings} or {False}  # refused: {False}
+        return LinearWeight(choice, self.k.pack(w_t) if True in picks else None,
+                            super().pack(w_t) if False in picks else None)
+
+    def linear(self, x, w: LinearWeight, bias=None, add=None):
+        if w.choice is None or w.choice.kernel_for(x.shape[0]):
+            # The residual add happens in place: `add` is the residual stream, not read again before this returns.
+            return self.k.linear(x.contiguous(), w.packed, bias, add, out=add)
+        return super().linear(x, w.w_t, bias, add)
 
     def rmsnorm(self, x, weight, eps):
-        return self.k.rmsnorm(x.contiguous(), weight, eps)
+        if self._kernel("rmsnorm", x.shape[0]):
+            return self.k.rmsnorm(x.contiguous(), weight, eps)
+        return super().rmsnorm(x, weight, eps)
 
     def silu_mul(self, gate_up):
-        return self.k.silu_mul(gate_up.contiguous())
+        if self._kernel("silu_mul", gate_up.shape[0]):
+            return self.k.silu_mul(gate_up.contiguous())
+        return super().silu_mul(gate_up)
 
     def rope_inputs(self, positions):
         return positions
 
     def rope_store(self, qkv, rope, num_heads, num_kv_heads, head_dim, out_slots, k_pool, v_pool):
-        return self.k.rope_store(qkv.contiguous(), rope, self.cos, self.sin, num_heads, num_kv_heads, head_dim,
-                                 out_slots, k_pool, v_pool)
+        positions = rope
+        if self._kernel("rope_store", qkv.shape[0]):
+            return self.k.rope_store(qkv.contiguous(), positions, self.cos, self.sin, num_heads, num_kv_heads,
+                                     head_dim, out_slots, k_pool, v_pool)
+        return super().rope_store(qkv, super().rope_inputs(positions), num_heads, num_kv_heads, head_dim,
+                                  out_slots, k_pool, v_pool)
 
     def decode_attention(self, q, k_pool, v_pool, slot_table, lens, scale):
-        if q.shape[1] > cpu_kernels.ATT_MAX_HEADS:
+        if q.shape[1] > cpu_kernels.ATT_MAX_HEADS or not self._kernel("decode_attention", q.shape[0]):
             return super().decode_attention(q, k_pool, v_pool, slot_table, lens, scale)
         return self.k.decode_attention(q.contiguous(), k_pool, v_pool, slot_table, lens, scale)
 
 
-def pick_ops(device: torch.device, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor) -> TorchOps:
-    if device.type == "cpu" and dtype == torch.float32:
-        kernels = cpu_kernels.load()
-        if kernels is not None:
-            return KernelOps(kernels, cos, sin)
-    return TorchOps(cos, sin, dtype)
+def pick_ops(device: torch.device, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor,
+             arch: LlamaArch) -> TorchOps:
+    """KernelOps on CPU in fp32 where kernels build here (each op as the self-check decides), else TorchOps."""
+    ops = TorchOps(cos, sin, dtype)
+    if device.type != "cpu" or dtype != torch.float32:
+        ops.kernel_note = f"CPU kernels serve fp32 on CPU only (here {dtype} on {device.type})"
+        return ops
+    kernels = cpu_kernels.load()
+    if kernels is None:
+        ops.kernel_note = "CPU kernels off (PDSERVE_DISABLE_CPU_KERNELS, or no C compiler / build failed)"
+        return ops
+    return KernelOps(kernels, check_kernels(kernels, ops, arch), cos, sin)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

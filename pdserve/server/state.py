@@ -54,7 +54,7 @@ def build_state(config: ServerConfig, client: "EngineClient") -> ServerState:
 
 def server_info(state: ServerState) -> dict[str, object]:
     """Flat, SGLang-style server arguments plus runtime facts (never the API key)."""
-    cfg, eng = state.config, state.config.engine
+    cfg, eng, ready = state.config, state.config.engine, state.client.ready
     return {
         "model_path": state.model_path,
         "tokenizer_path": state.client.resolved.hf_dir,
@@ -84,6 +84,7 @@ def server_info(state: ServerState) -> dict[str, object]:
         "api_key_set": cfg.api_key is not None,
         "log_level": cfg.log_level,
         "is_generation": True,
+        "cpu_kernels": ready.cpu_kernels.to_json() if ready.cpu_kernels is not None else {"isa": "none"},
         "version": __version__,
     }
 
