@@ -1,21 +1,26 @@
-"""Engine throughput, pdserve vs transformers generate(), side by side in one run.
+"""Engine throughput on every CPU kernel path this machine has, beside torch ops and transformers generate().
 
-    .venv/bin/python benchmarks/engine_throughput.py [--model-path P] [--threads 2] [--skip-hf]
+    .venv/bin/python benchmarks/engine_throughput.py [--model-path P] [--threads 2] [--isas avx512,avx2,portable]
+                                                     [--skip-hf] [--dtypes float32,bfloat16]
 
-Prints prefill tokens/s (512-token prompt; median of 3 after one untimed run), single-stream decode tokens/s (128 new tokens) and total
-tokens/s for 32 concurrent requests with 128 new tokens each.
+For each ISA path (default: every path this CPU runs) one child process runs with PDSERVE_CPU_ISA set to it,
+which caps torch's own kernels (MKL, oneDNN, ATen) to the same ISA, as on a machine of that kind; in it:
+pdserve with its kernels (each op as the load-time self-check chose), pdserve with torch ops only, and
+transformers generate(). It prints prefill tokens/s (512-token prompt; median of 3 after one untimed run),
+single-stream decode tokens/s (128 new tokens) and total tokens/s for 32 concurrent requests with 128 new tokens
+each, the machine's read bandwidth (2 threads) and the single-stream floor it sets (bandwidth / the fp32 weight
+bytes a decode step streams), and the ops the self-check gave to torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
 import time
-
-import torch
-
-from pdserve.config import EngineConfig, ModelConfig
-from pdserve.engine.engine import Engine
-from pdserve.sampling_params import SamplingParams
 
 BATCH_PROMPTS = [f"Write a short note number {i} about {topic}."
                  for i, topic in enumerate(["the sea", "mountains", "coffee", "trains", "bees", "rain", "chess",
@@ -38,7 +43,28 @@ def median_rate(num_tokens: int, run, repeats: int = 3) -> float:
     return num_tokens / sorted(times)[len(times) // 2]
 
 
-def bench_pdserve(args, dtype: str = "float32") -> dict[str, float]:
+def read_bandwidth_gbs() -> float:
+    """Best of 5 sums over a 1 GiB fp32 buffer on huge pages (as the weights are held), in GB/s."""
+    import torch
+
+    from pdserve.model.host_memory import host_zeros
+
+    buf = host_zeros((256 << 20,), torch.float32)
+    buf.fill_(1.0)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def bench_pdserve(args, dtype: str) -> dict[str, object]:
+    """PDSERVE_DISABLE_CPU_KERNELS=1 in the environment makes this the torch-ops row."""
+    from pdserve.config import EngineConfig, ModelConfig
+    from pdserve.engine.engine import Engine
+    from pdserve.sampling_params import SamplingParams
+
     eng = Engine(EngineConfig(model=ModelConfig(model_path=args.model_path, dtype=dtype), max_total_tokens=16384,
                               chunked_prefill_size=-1, max_prefill_tokens=8192, disable_radix_cache=True,
                               num_threads=args.threads, max_running_requests=64))
@@ -54,10 +80,21 @@ def bench_pdserve(args, dtype: str = "float32") -> dict[str, float]:
     t = time.perf_counter()
     outs = eng.generate(BATCH_PROMPTS[: args.batch], sp)
     batch = sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t)
-    return {"prefill": prefill, "single": single, "batch": batch}
+    model = eng.runner.model
+    a = model.arch
+    step_bytes = 4 * (a.num_layers * (a.hidden_size * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+                                      + a.num_heads * a.head_dim * a.hidden_size
+                                      + 3 * a.hidden_size * a.intermediate_size) + a.hidden_size * a.vocab_size)
+    plan = eng.kernel_plan
+    on_torch = [f"{c.op} ({'/'.join(kind for kind, kernel in (('decode', c.decode_kernel),
+                                                                ('prefill', c.prefill_kernel)) if not kernel)})"
+                for c in plan.choices if c.path != "kernel"]
+    return {"prefill": prefill, "single": single, "batch": batch, "step_bytes": step_bytes, "isa": plan.isa,
+            "on_torch": on_torch}
 
 
 def bench_hf(args) -> dict[str, float]:
+    import torch
     from transformers import AutoModelForCausalLM
 
     from pdserve.model.loader import load_tokenizer, resolve_model
@@ -82,23 +119,114 @@ def bench_hf(args) -> dict[str, float]:
     return {"prefill": prefill, "single": single, "batch": batch}
 
 
+def child(args) -> None:
+    """One row set, in this process: PDSERVE_CPU_ISA / PDSERVE_DISABLE_CPU_KERNELS come from the parent."""
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stderr)
+    torch.set_num_threads(args.threads)
+    if args.child == "hf":
+        out: dict[str, object] = bench_hf(args)
+    else:
+        out = bench_pdserve(args, args.child)
+    out["bandwidth_gbs"] = read_bandwidth_gbs()
+    out["torch_isa"] = torch.backends.cpu.get_cpu_capability()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(args, isa: str, what: str, kernels: bool = True) -> dict[str, object]:
+    env = dict(os.environ, PDSERVE_CPU_ISA=isa)
+    for name in ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        env.pop(name, None)  # pdserve sets them from PDSERVE_CPU_ISA
+    if not kernels:
+        env["PDSERVE_DISABLE_CPU_KERNELS"] = "1"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", what, "--threads", str(args.threads),
+           "--batch", str(args.batch), "--new-tokens", str(args.new_tokens)]
+    if args.model_path:
+        cmd += ["--model-path", args.model_path]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{isa} {what} failed:\n{proc.stderr[-4000:]}")
+    if args.verbose:
+        print(proc.stderr, file=sys.stderr)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--dtypes", default="float32", help="pdserve rows, e.g. float32,bfloat16")
+    ap.add_argument("--skip-torch-ops", action="store_true")
+    ap.add_argument("--isas", default="", help="comma-separated ISA paths (default: every one this CPU runs)")
+    ap.add_argument("--dtypes", default="float32", help="pdserve kernel rows, e.g. float32,bfloat16")
+    ap.add_argument("--verbose", action="store_true", help="print each child's log (the self-check's table)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    rows = {f"pdserve {dt}": bench_pdserve(args, dt) for dt in args.dtypes.split(",")}
-    if not args.skip_hf:
-        rows["transformers generate()"] = bench_hf(args)
-    print(f"\n{'engine':<26}{'prefill tok/s (512)':>22}{'decode tok/s (1 stream)':>26}"
-          f"{f'total tok/s ({args.batch} streams)':>28}")
+    if args.child:
+        return child(args)
+
+    from pdserve.model.cpu_kernels import cpu_isas
+
+    isas = args.isas.split(",") if args.isas else list(cpu_isas())
+    print(f"CPU: {cpu_model()} ({platform.machine()}); kernel paths it runs: {', '.join(cpu_isas())}; "
+          f"{args.threads} threads; {os.cpu_count()} cores")
+    header = (f"{'path':<10}{'engine':<28}{'prefill tok/s':>14}{'1 stream tok/s':>16}{'% floor':>9}"
+              f"{f'{args.batch} streams tok/s':>19}{'x HF prefill':>14}{f'x HF {args.batch}':>10}")
+    sections = []
+    for isa in isas:
+        rows: dict[str, dict[str, object]] = {}
+        for dt in args.dtypes.split(","):
+            rows[f"pdserve kernels {dt}"] = run_child(args, isa, dt)
+        if not args.skip_torch_ops:
+            rows["pdserve torch ops"] = run_child(args, isa, "float32", kernels=False)
+        if not args.skip_hf:
+            rows["transformers generate()"] = run_child(args, isa, "hf")
+        sections.append((isa, rows))
+        print_section(isa, rows, header)
+    print("\nAll paths:\n" + header)
+    for isa, rows in sections:
+        print_rows(isa, rows)
+
+
+def print_section(isa: str, rows: dict[str, dict[str, object]], header: str) -> None:
+    first = next(iter(rows.values()))
+    bw = sum(float(r["bandwidth_gbs"]) for r in rows.values()) / len(rows)
+    floor = bw * 1e9 / float(first["step_bytes"])
+    print(f"\n[{isa}] torch capability {first['torch_isa']}; read bandwidth {bw:.1f} GB/s (2 threads, mean of "
+          f"{len(rows)}); decode step streams {float(first['step_bytes']) / 1e6:.0f} MB fp32 -> floor "
+          f"{floor:.1f} tok/s single stream")
     for name, r in rows.items():
-        print(f"{name:<26}{r['prefill']:>22.1f}{r['single']:>26.1f}{r['batch']:>28.1f}")
+        if r.get("on_torch"):
+            print(f"  {name}: torch runs {'; '.join(r['on_torch'])} (rows of that kind; the rest run the {r['isa']} kernels)")
+    print(header)
+    print_rows(isa, rows, floor)
+
+
+def print_rows(isa: str, rows: dict[str, dict[str, object]], floor: float | None = None) -> None:
+    first = next(iter(rows.values()))
+    if floor is None:
+        bw = sum(float(r["bandwidth_gbs"]) for r in rows.values()) / len(rows)
+        floor = bw * 1e9 / float(first["step_bytes"])
+    hf = rows.get("transformers generate()")
+    for name, r in rows.items():
+        vs = (f"{float(r['prefill']) / float(hf['prefill']):>14.2f}{float(r['batch']) / float(hf['batch']):>10.2f}"
+              if hf else "")
+        print(f"{isa:<10}{name:<28}{float(r['prefill']):>14.1f}{float(r['single']):>16.1f}"
+              f"{100 * float(r['single']) / floor:>8.0f}%{float(r['batch']):>19.1f}{vs}")
 
 
 if __name__ == "__main__":

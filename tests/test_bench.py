@@ -37,7 +37,8 @@ JSON_COLUMNS = [
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def bench(server: ServerProcess, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+def bench(server: ServerProcess, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    # generous: a slower machine (or a lower ISA path) must only take longer, never fail
     cmd = [sys.executable, "-m", "pdserve", "bench", "--base-url", server.base_url, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
@@ -181,8 +182,8 @@ def test_bench_interference(server, tmp_path):
     assert all(rec["output_len"] == 4 and rec["prompt_len"] == 512 for rec in longs)
     assert all(rec["output_len"] == 40 for rec in decodes)
     # long prompts arrive on schedule: 0.5 s, then 1 s apart
-    assert longs[0]["start_time"] == pytest.approx(0.5, abs=0.3)
-    assert longs[1]["start_time"] - longs[0]["start_time"] == pytest.approx(1.0, abs=0.3)
+    assert longs[0]["start_time"] == pytest.approx(0.5, abs=0.5)
+    assert longs[1]["start_time"] - longs[0]["start_time"] == pytest.approx(1.0, abs=0.5)
     # the decode streams were running when the first long prompt came
     assert all(rec["start_time"] < longs[0]["start_time"] for rec in decodes[:2])
     # a 512-token prefill stalls the running decodes: their worst gap dwarfs their typical one

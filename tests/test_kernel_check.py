@@ -63,6 +63,7 @@ def test_every_op_is_checked_and_timed():
     info = json.loads(json.dumps(plan.to_json()))  # what /server_info serves
     assert info["isa"] == KERNELS.isa and set(info["ops"]) == {*LINEAR_OPS, *OTHER_OPS}
     assert all(o["path"] in ("kernel", "torch", "mixed") and o["rows"] for o in info["ops"].values())
+    assert all({o["decode"], o["prefill"]} <= {"kernel", "torch"} for o in info["ops"].values())
 
 
 def test_a_wrong_kernel_is_refused_and_torch_runs_it(caplog):
@@ -82,7 +83,7 @@ def test_a_slower_kernel_gives_its_op_to_torch():
     plan = check_kernels(SlowLmHead(KERNELS), _ref(), ARCH)
     lm_head = plan.choice("linear.lm_head")
     assert lm_head.path == "torch" and all(t.kernel_ms >= SLOW_S * 1e3 for t in lm_head.timings)
-    assert not any(lm_head.kernel_for(rows) for rows in (1, 5, 32, 100))
+    assert not lm_head.decode_kernel and not lm_head.prefill_kernel
     ops = KernelOps(SlowLmHead(KERNELS), plan, _ref().cos, _ref().sin)
     w_t = torch.randn(64, ARCH.vocab_size)
     weight = ops.pack(w_t, "linear.lm_head")
@@ -91,23 +92,32 @@ def test_a_slower_kernel_gives_its_op_to_torch():
     assert torch.equal(ops.linear(x, weight), x @ weight.w_t)
 
 
-def test_weights_are_held_in_the_forms_their_op_runs():
-    mixed = OpChoice("linear.qkv", (OpTiming(1, 1.0, 2.0), OpTiming(32, 1.0, 2.0), OpTiming(512, 3.0, 2.0)))
+def test_each_kind_of_row_takes_its_own_path_whatever_the_batch():
+    """Decode rows run the kernel and prompt rows torch (as timed): the weight is held in both forms, and a
+    decode row's numbers are the same alone or beside prompt rows and other decode rows."""
+    mixed = OpChoice("linear.qkv", (OpTiming(1, 1.0, 2.0), OpTiming(32, 1.5, 1.0), OpTiming(512, 3.0, 2.0)))
     kernel_only = OpChoice("linear.o", (OpTiming(1, 1.0, 2.0), OpTiming(512, 1.0, 2.0)))
+    assert mixed.path == "mixed" and mixed.decode_kernel and not mixed.prefill_kernel  # decode: geometric mean
     plan = KernelPlan(KERNELS.isa, cpu_kernels.cpu_isas(), (mixed, kernel_only))
     ref = _ref()
     ops = KernelOps(KERNELS, plan, ref.cos, ref.sin)
-    w_t = torch.randn(64, 96)
+    w_t, bias = torch.randn(64, 96), torch.randn(96)
     both = ops.pack(w_t, "linear.qkv")
     assert isinstance(both, LinearWeight) and both.packed is not None and both.w_t is not None
-    assert mixed.path == "mixed" and mixed.kernel_for(32) and not mixed.kernel_for(33) and not mixed.kernel_for(4096)
-    kern = ops.pack(w_t, "linear.o")
-    assert kern.packed is not None and kern.w_t is None
+    assert ops.pack(w_t, "linear.o").w_t is None and ops.pack(w_t, "linear.o").packed is not None
     unchecked = ops.pack(w_t, "linear.down")  # not in the plan: torch
     assert unchecked.packed is None and unchecked.w_t is not None
-    for rows in (1, 32, 33, 512):  # the kernel below 33 rows, torch above: the same numbers to fp32 rounding
-        x = torch.randn(rows, 64)
-        torch.testing.assert_close(ops.linear(x, both), x @ w_t, rtol=1e-4, atol=1e-4)
+
+    x, residual = torch.randn(7, 64), torch.randn(7, 96)
+    ops.start_rows(4)  # rows 0-3: a prompt; rows 4-6: decodes
+    got = ops.linear(x, both, bias, add=residual.clone())
+    torch.testing.assert_close(got, residual + x @ w_t + bias, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got[:4], ref.linear(x[:4], both.w_t, bias, residual[:4]))  # torch's numbers
+    for i in range(4, 7):  # the kernel's, the same as a batch of one decode
+        ops.start_rows(0)
+        assert torch.equal(got[i : i + 1], ops.linear(x[i : i + 1], both, bias, add=residual[i : i + 1].clone()))
+    ops.start_rows(0)
+    assert torch.equal(ops.linear(x[4:], both, bias, add=residual[4:].clone()), got[4:])
 
 
 def test_a_near_tie_keeps_the_kernel():

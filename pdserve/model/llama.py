@@ -149,6 +149,7 @@ class LlamaForCausalLM:
             rows, values = embeds_override
             x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
         ops = self.ops
+        ops.start_rows(meta.decode_start)  # prompt-token rows first, then one row per decoding sequence
         rope = ops.rope_inputs(positions)
         for li, L in enumerate(self.layers):
             h = ops.rmsnorm(x, L["in_norm"], a.rms_norm_eps)
@@ -160,6 +161,7 @@ class LlamaForCausalLM:
             h = ops.rmsnorm(x, L["post_norm"], a.rms_norm_eps)
             x = ops.linear(ops.silu_mul(ops.linear(h, L["gate_up"])), L["down"], add=x)  # gate_up: [T, 2I]
         x = x.index_select(0, logits_idx)
+        ops.start_rows(0)  # one row per sequence to score: these take the decode rows' path
         x = ops.rmsnorm(x, self.norm, a.rms_norm_eps)
         return ops.linear(x, self.lm_head).float()  # [N, V]
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pdserve.model import cpu_kernels
 from pdserve.model.host_memory import host_zeros
 from pdserve.model.kernel_check import check_kernels
-from pdserve.model.kernel_plan import KernelPlan, OpChoice
+from pdserve.model.kernel_plan import KernelPlan
 
 if TYPE_CHECKING:
     from pdserve.model.llama import LlamaArch
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LinearWeight:
     """A linear layer's weight in the forms its op runs: panels for the kernel, W_t [in, out] for torch
-    (both where the self-check picked the kernel for some batch sizes and torch for others)."""
+    (both where the self-check picked the kernel for one kind of row and torch for the other)."""
 
-    choice: OpChoice | None  # None: the kernel for every batch size
+    op: str  # e.g. "linear.qkv": its entry in the KernelPlan
     packed: cpu_kernels.PackedLinear | None
     w_t: torch.Tensor | None
 
@@ -39,6 +39,9 @@ class TorchOps:
         self.cos, self.sin, self.dtype = cos, sin, dtype  # [max_pos, D] fp32 tables
         self._mask_lens: torch.Tensor | None = None  # the step's lens the cached decode mask was built from
         self._mask: torch.Tensor | None = None
+
+    def start_rows(self, num_prefill_rows: int) -> None:
+        """The coming ops' batch: its first num_prefill_rows rows are prompt tokens, the rest decode tokens."""
 
     def pack(self, w_t: torch.Tensor, op: str = "linear") -> torch.Tensor:
         # Kept as W_t [in, out]: x @ W_t reads it at about twice the bandwidth of F.linear on CPU; on CPU on
@@ -103,7 +106,8 @@ class TorchOps:
 
 
 class KernelOps(TorchOps):
-    """fp32 on CPU through cpu_kernels where the plan says so; prefill attention stays torch's (inherited).
+    """fp32 on CPU through cpu_kernels where the plan says so, per op and per kind of row (prompt tokens or
+    decode tokens, never by batch size: see kernel_plan.py); prefill attention stays torch's (inherited).
     plan None: every op runs its kernel (the self-check and the kernel tests use this)."""
 
     def __init__(self, kernels: cpu_kernels.CpuKernels, plan: KernelPlan | None, cos: torch.Tensor,
@@ -111,52 +115,85 @@ class KernelOps(TorchOps):
         super().__init__(cos.contiguous(), sin.contiguous(), torch.float32)
         self.k = kernels
         self._plan = plan
+        self._num_prefill_rows = 0
+        self._paths: dict[str, tuple[bool, bool]] = {}  # op -> (prefill rows run the kernel, decode rows do)
 
     @property
     def plan(self) -> KernelPlan:
         return self._plan if self._plan is not None else KernelPlan(self.k.isa, cpu_kernels.cpu_isas(), (),
                                                                     "every op runs its kernel (unchecked)")
 
-    def _kernel(self, op: str, rows: int) -> bool:
-        return self._plan is None or self._plan.choice(op).kernel_for(rows)
+    def start_rows(self, num_prefill_rows: int) -> None:
+        self._num_prefill_rows = num_prefill_rows
+
+    def _op_paths(self, op: str) -> tuple[bool, bool]:
+        paths = self._paths.get(op)
+        if paths is None:
+            choice = self._plan.choice(op) if self._plan is not None else None
+            paths = (True, True) if choice is None else (choice.prefill_kernel, choice.decode_kernel)
+            self._paths[op] = paths
+        return paths
+
+    def _split(self, op: str, rows: int) -> list[tuple[slice, bool]]:
+        """The batch's row ranges and whether each runs the kernel: one range unless the kinds differ."""
+        prefill_kernel, decode_kernel = self._op_paths(op)
+        num_prefill = min(self._num_prefill_rows, rows)
+        if num_prefill == 0 or prefill_kernel == decode_kernel:
+            return [(slice(0, rows), decode_kernel if num_prefill == 0 else prefill_kernel)]
+        if num_prefill == rows:
+            return [(slice(0, rows), prefill_kernel)]
+        return [(slice(0, num_prefill), prefill_kernel), (slice(num_prefill, rows), decode_kernel)]
 
     def pack(self, w_t: torch.Tensor, op: str = "linear") -> LinearWeight:
-        if self._plan is None:
-            return LinearWeight(None, self.k.pack(w_t), None)
-        choice = self._plan.choice(op)
-        picks = {choice.kernel_for(t.rows) for t in choice.timings} or {False}  # refused: {False}
-        return LinearWeight(choice, self.k.pack(w_t) if True in picks else None,
-                            super().pack(w_t) if False in picks else None)
+        paths = set(self._op_paths(op))
+        return LinearWeight(op, self.k.pack(w_t) if True in paths else None,
+                            super().pack(w_t) if False in paths else None)
+
+    def _linear_rows(self, x, w: LinearWeight, bias, add, kernel: bool, out=None):
+        if kernel:  # the residual add happens in place: `add` is the residual stream, not read again
+            return self.k.linear(x.contiguous(), w.packed, bias, add, out=add if out is None else out)
+        y = super().linear(x, w.w_t, bias, add)
+        return y if out is None else out.copy_(y)
 
     def linear(self, x, w: LinearWeight, bias=None, add=None):
-        if w.choice is None or w.choice.kernel_for(x.shape[0]):
-            # The residual add happens in place: `add` is the residual stream, not read again before this returns.
-            return self.k.linear(x.contiguous(), w.packed, bias, add, out=add)
-        return super().linear(x, w.w_t, bias, add)
+        parts = self._split(w.op, x.shape[0])
+        if len(parts) == 1:
+            return self._linear_rows(x, w, bias, add, parts[0][1])
+        out = add if add is not None else torch.empty((x.shape[0], w.w_t.shape[1]), dtype=torch.float32)
+        for rows, kernel in parts:
+            self._linear_rows(x[rows], w, bias, None if add is None else add[rows], kernel, out[rows])
+        return out
+
+    def _rowwise(self, op: str, x: torch.Tensor, kernel_fn, torch_fn) -> torch.Tensor:
+        parts = self._split(op, x.shape[0])
+        outs = [(kernel_fn if kernel else torch_fn)(x[rows]) for rows, kernel in parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def rmsnorm(self, x, weight, eps):
-        if self._kernel("rmsnorm", x.shape[0]):
-            return self.k.rmsnorm(x.contiguous(), weight, eps)
-        return super().rmsnorm(x, weight, eps)
+        return self._rowwise("rmsnorm", x, lambda rows: self.k.rmsnorm(rows.contiguous(), weight, eps),
+                             lambda rows: super(KernelOps, self).rmsnorm(rows, weight, eps))
 
     def silu_mul(self, gate_up):
-        if self._kernel("silu_mul", gate_up.shape[0]):
-            return self.k.silu_mul(gate_up.contiguous())
-        return super().silu_mul(gate_up)
+        return self._rowwise("silu_mul", gate_up, lambda rows: self.k.silu_mul(rows.contiguous()),
+                             lambda rows: super(KernelOps, self).silu_mul(rows))
 
     def rope_inputs(self, positions):
         return positions
 
     def rope_store(self, qkv, rope, num_heads, num_kv_heads, head_dim, out_slots, k_pool, v_pool):
         positions = rope
-        if self._kernel("rope_store", qkv.shape[0]):
-            return self.k.rope_store(qkv.contiguous(), positions, self.cos, self.sin, num_heads, num_kv_heads,
-                                     head_dim, out_slots, k_pool, v_pool)
-        return super().rope_store(qkv, super().rope_inputs(positions), num_heads, num_kv_heads, head_dim,
-                                  out_slots, k_pool, v_pool)
+        qs = []
+        for rows, kernel in self._split("rope_store", qkv.shape[0]):
+            if kernel:
+                qs.append(self.k.rope_store(qkv[rows].contiguous(), positions[rows], self.cos, self.sin,
+                                            num_heads, num_kv_heads, head_dim, out_slots[rows], k_pool, v_pool))
+            else:
+                qs.append(super().rope_store(qkv[rows], super().rope_inputs(positions[rows]), num_heads,
+                                             num_kv_heads, head_dim, out_slots[rows], k_pool, v_pool))
+        return qs[0] if len(qs) == 1 else torch.cat(qs)
 
     def decode_attention(self, q, k_pool, v_pool, slot_table, lens, scale):
-        if q.shape[1] > cpu_kernels.ATT_MAX_HEADS or not self._kernel("decode_attention", q.shape[0]):
+        if q.shape[1] > cpu_kernels.ATT_MAX_HEADS or not self._op_paths("decode_attention")[1]:
             return super().decode_attention(q, k_pool, v_pool, slot_table, lens, scale)
         return self.k.decode_attention(q.contiguous(), k_pool, v_pool, slot_table, lens, scale)
 
