@@ -7,7 +7,7 @@ For each ISA path (default: every path this CPU runs) one child process runs wit
 which caps torch's own kernels (MKL, oneDNN, ATen) to the same ISA, as on a machine of that kind; in it:
 pdserve with its kernels (each op as the load-time self-check chose), pdserve with torch ops only, and
 transformers generate(). It prints prefill tokens/s (512-token prompt; median of 3 after one untimed run),
-single-stream decode tokens/s (128 new tokens) and total tokens/s for 32 concurrent requests with 128 new tokens
+single-stream decode tokens/s (128 new tokens, median of 3) and total tokens/s for 32 concurrent requests with 128 new tokens
 each, the machine's read bandwidth (2 threads) and the single-stream floor it sets (bandwidth / the fp32 weight
 bytes a decode step streams), and the ops the self-check gave to torch.
 """
@@ -43,20 +43,33 @@ def median_rate(num_tokens: int, run, repeats: int = 3) -> float:
     return num_tokens / sorted(times)[len(times) // 2]
 
 
-def read_bandwidth_gbs() -> float:
-    """Best of 5 sums over a 1 GiB fp32 buffer on huge pages (as the weights are held), in GB/s."""
+def read_bandwidth_gbs(threads: int) -> float:
+    """Best of 3 reads of a 1 GiB fp32 buffer on huge pages (as the weights are held), `threads` numpy sums in
+    parallel (numpy releases the GIL; unlike torch's sum it is not capped by PDSERVE_CPU_ISA), in GB/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     from pdserve.model.host_memory import host_zeros
 
     buf = host_zeros((256 << 20,), torch.float32)
     buf.fill_(1.0)
+    parts = buf.numpy().reshape(threads, -1)
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - t)
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(3):
+            t = time.perf_counter()
+            list(pool.map(lambda part: part.sum(), parts))
+            best = min(best, time.perf_counter() - t)
     return buf.numel() * 4 / best / 1e9
+
+
+def single_stream(threads: int, run) -> tuple[float, float]:
+    """(tokens/s of `run`, the read bandwidth measured just before and after it, averaged): this machine's
+    bandwidth drifts with its neighbours' load, so each row's floor comes from its own minute."""
+    before = read_bandwidth_gbs(threads)
+    rate = run()
+    return rate, (before + read_bandwidth_gbs(threads)) / 2
 
 
 def bench_pdserve(args, dtype: str) -> dict[str, object]:
@@ -74,9 +87,8 @@ def bench_pdserve(args, dtype: str) -> dict[str, object]:
     one = SamplingParams(max_new_tokens=1, temperature=0)
     prefill = median_rate(512, lambda: eng.generate([prompt], one))
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-    t = time.perf_counter()
-    eng.generate(["Once upon a time"], sp)
-    single = args.new_tokens / (time.perf_counter() - t)
+    single, bandwidth = single_stream(args.threads, lambda: median_rate(
+        args.new_tokens, lambda: eng.generate(["Once upon a time"], sp)))
     t = time.perf_counter()
     outs = eng.generate(BATCH_PROMPTS[: args.batch], sp)
     batch = sum(len(o.new_token_ids) for o in outs) / (time.perf_counter() - t)
@@ -86,11 +98,13 @@ def bench_pdserve(args, dtype: str) -> dict[str, object]:
                                       + a.num_heads * a.head_dim * a.hidden_size
                                       + 3 * a.hidden_size * a.intermediate_size) + a.hidden_size * a.vocab_size)
     plan = eng.kernel_plan
-    on_torch = [f"{c.op} ({'/'.join(kind for kind, kernel in (('decode', c.decode_kernel),
-                                                                ('prefill', c.prefill_kernel)) if not kernel)})"
-                for c in plan.choices if c.path != "kernel"]
+    on_torch = []
+    for c in plan.choices:
+        kinds = [kind for kind, kernel in (("decode", c.decode_kernel), ("prefill", c.prefill_kernel)) if not kernel]
+        if kinds:
+            on_torch.append(f"{c.op} ({'/'.join(kinds)})")
     return {"prefill": prefill, "single": single, "batch": batch, "step_bytes": step_bytes, "isa": plan.isa,
-            "on_torch": on_torch}
+            "on_torch": on_torch, "bandwidth_gbs": bandwidth}
 
 
 def bench_hf(args) -> dict[str, float]:
@@ -108,15 +122,15 @@ def bench_hf(args) -> dict[str, float]:
         ids = torch.tensor([long_prompt(tok, 512)])
         prefill = median_rate(512, lambda: model(ids))
         ids = torch.tensor([tok.encode("Once upon a time")])
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
-        single = args.new_tokens / (time.perf_counter() - t)
+        single, bandwidth = single_stream(args.threads, lambda: median_rate(
+            args.new_tokens, lambda: model.generate(ids, max_new_tokens=args.new_tokens,
+                                                    min_new_tokens=args.new_tokens, **kw)))
         tok.padding_side = "left"
         enc = tok(BATCH_PROMPTS[: args.batch], return_tensors="pt", padding=True)
         t = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kw)
         batch = (out.shape[1] - enc.input_ids.shape[1]) * args.batch / (time.perf_counter() - t)
-    return {"prefill": prefill, "single": single, "batch": batch}
+    return {"prefill": prefill, "single": single, "batch": batch, "bandwidth_gbs": bandwidth}
 
 
 def child(args) -> None:
@@ -131,7 +145,6 @@ def child(args) -> None:
         out: dict[str, object] = bench_hf(args)
     else:
         out = bench_pdserve(args, args.child)
-    out["bandwidth_gbs"] = read_bandwidth_gbs()
     out["torch_isa"] = torch.backends.cpu.get_cpu_capability()
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -184,7 +197,7 @@ def main() -> None:
     isas = args.isas.split(",") if args.isas else list(cpu_isas())
     print(f"CPU: {cpu_model()} ({platform.machine()}); kernel paths it runs: {', '.join(cpu_isas())}; "
           f"{args.threads} threads; {os.cpu_count()} cores")
-    header = (f"{'path':<10}{'engine':<28}{'prefill tok/s':>14}{'1 stream tok/s':>16}{'% floor':>9}"
+    header = (f"{'path':<10}{'engine':<28}{'prefill tok/s':>14}{'1 stream tok/s':>16}{'GB/s':>8}{'floor':>8}{'% floor':>9}"
               f"{f'{args.batch} streams tok/s':>19}{'x HF prefill':>14}{f'x HF {args.batch}':>10}")
     sections = []
     for isa in isas:
@@ -204,29 +217,26 @@ def main() -> None:
 
 def print_section(isa: str, rows: dict[str, dict[str, object]], header: str) -> None:
     first = next(iter(rows.values()))
-    bw = sum(float(r["bandwidth_gbs"]) for r in rows.values()) / len(rows)
-    floor = bw * 1e9 / float(first["step_bytes"])
-    print(f"\n[{isa}] torch capability {first['torch_isa']}; read bandwidth {bw:.1f} GB/s (2 threads, mean of "
-          f"{len(rows)}); decode step streams {float(first['step_bytes']) / 1e6:.0f} MB fp32 -> floor "
-          f"{floor:.1f} tok/s single stream")
+    print(f"\n[{isa}] torch capability {first['torch_isa']}; a decode step streams "
+          f"{float(first['step_bytes']) / 1e6:.0f} MB of fp32 weights; floor = read bandwidth "
+          "(GB/s, measured just before and after each row's single stream) / those bytes")
     for name, r in rows.items():
         if r.get("on_torch"):
             print(f"  {name}: torch runs {'; '.join(r['on_torch'])} (rows of that kind; the rest run the {r['isa']} kernels)")
     print(header)
-    print_rows(isa, rows, floor)
+    print_rows(isa, rows)
 
 
-def print_rows(isa: str, rows: dict[str, dict[str, object]], floor: float | None = None) -> None:
-    first = next(iter(rows.values()))
-    if floor is None:
-        bw = sum(float(r["bandwidth_gbs"]) for r in rows.values()) / len(rows)
-        floor = bw * 1e9 / float(first["step_bytes"])
+def print_rows(isa: str, rows: dict[str, dict[str, object]]) -> None:
     hf = rows.get("transformers generate()")
+    step_bytes = float(next(iter(rows.values()))["step_bytes"])
     for name, r in rows.items():
+        bandwidth = float(r["bandwidth_gbs"])
+        floor = bandwidth * 1e9 / step_bytes
         vs = (f"{float(r['prefill']) / float(hf['prefill']):>14.2f}{float(r['batch']) / float(hf['batch']):>10.2f}"
               if hf else "")
-        print(f"{isa:<10}{name:<28}{float(r['prefill']):>14.1f}{float(r['single']):>16.1f}"
-              f"{100 * float(r['single']) / floor:>8.0f}%{float(r['batch']):>19.1f}{vs}")
+        print(f"{isa:<10}{name:<28}{float(r['prefill']):>14.1f}{float(r['single']):>16.1f}{bandwidth:>8.1f}"
+              f"{floor:>8.1f}{100 * float(r['single']) / floor:>8.0f}%{float(r['batch']):>19.1f}{vs}")
 
 
 if __name__ == "__main__":

@@ -95,3 +95,58 @@ def test_decode_attention_reads_the_pool_in_place(ops):
     want = ref_ops.decode_attention(q, k_pool, v_pool, table, lens, HEAD_DIM**-0.5)
     got = kern.decode_attention(q, k_pool, v_pool, table, lens, HEAD_DIM**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from tests.engine_helpers import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")))  # qwen2: q/k/v biases
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_decode_layers_match_op_by_op(isa, tiny_model_dir, monkeypatch):
+    """A decode-only batch runs every layer in one call (pd_decode_layers): the same logits, bit for bit, as
+    the ops one by one, and the same K/V written to the pools."""
+    from pdserve.model import ops as ops_module
+    from pdserve.model.llama import AttnMetadata, KVCache, LlamaForCausalLM, PrefillSegment
+
+    kernels = cpu_kernels.load(isa)
+    monkeypatch.setattr(cpu_kernels, "load", lambda isa=None: kernels)
+    monkeypatch.setattr(ops_module, "check_kernels", lambda kernels, ops, arch: None)  # every op its kernel
+    cpu = torch.device("cpu")
+    model = LlamaForCausalLM(tiny_model_dir, torch.float32, cpu)
+    assert isinstance(model.ops, KernelOps) and model.ops.k.isa == isa
+    prompt_lens = [5, 9, 2]
+    caches, fused_calls = [], []
+    fused_layers = model.ops.decode_layers
+    for fused in (True, False):
+        if fused:
+            monkeypatch.setattr(model.ops, "decode_layers",
+                                lambda *args: fused_calls.append(fused_layers(*args)) or fused_calls[-1])
+        else:
+            monkeypatch.setattr(model.ops, "decode_layers", lambda *args: None)
+        kv = KVCache(model.arch, 64, torch.float32, cpu)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, 1000, (sum(prompt_lens),), generator=g)
+        positions = torch.cat([torch.arange(n) for n in prompt_lens])
+        slots = torch.arange(1, sum(prompt_lens) + 1)  # slot 0 stays the padding slot
+        starts = [sum(prompt_lens[:i]) for i in range(len(prompt_lens))]
+        segs = [PrefillSegment(s, n, slots[s : s + n], 0) for s, n in zip(starts, prompt_lens)]
+        model.forward(ids, positions, AttnMetadata(slots, segs, len(ids), None, None), kv,
+                      torch.tensor([s + n - 1 for s, n in zip(starts, prompt_lens)]))
+        logits = []
+        for step in range(2):  # two decode steps for the three sequences
+            new_slots = torch.arange(40 + 3 * step, 43 + 3 * step)
+            lens = torch.tensor([n + step + 1 for n in prompt_lens])
+            table = torch.zeros(3, int(lens.max()), dtype=torch.long)
+            for b, (s, n) in enumerate(zip(starts, prompt_lens)):
+                row = [*slots[s : s + n].tolist(), *[40 + 3 * i + b for i in range(step + 1)]]
+                table[b, : len(row)] = torch.tensor(row)
+            meta = AttnMetadata(new_slots, [], 0, table, lens)
+            logits.append(model.forward(torch.randint(0, 1000, (3,), generator=g), lens - 1, meta, kv,
+                                        torch.arange(3)))
+        caches.append((torch.stack(logits), torch.stack(kv.k), torch.stack(kv.v)))
+    assert [call is None for call in fused_calls] == [True, False, False]  # the prefill step runs op by op
+    for fused, unfused in zip(*caches):
+        assert torch.equal(fused, unfused)

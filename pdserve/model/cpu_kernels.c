@@ -333,3 +333,34 @@ void pd_decode_attention(const float* q, int64_t B, int64_t nH, int64_t nKV, int
     free(parts);
     free(first);
 }
+
+// One transformer layer's weights and KV pools for pd_decode_layers (the PdLayer ctypes struct mirrors it).
+typedef struct {
+    const float *in_norm, *qkv, *qkv_bias, *o, *post_norm, *gate_up, *down; /* qkv_bias may be 0 */
+    float *k_pool, *v_pool;                                                /* [num_slots, nKV, D] */
+} pd_layer;
+
+// Every layer of a decode step whose B rows are all decode tokens, in one call (the unfused path makes ~9
+// calls per layer from Python). Each op is the function the unfused path calls, with the same arguments in
+// the same order, so the numbers are identical. x [B, H] is the residual stream, updated in place; work holds
+// B * (H + (nH + 2 nKV) D + 2 nH D + 3 I) floats.
+void pd_decode_layers(const pd_layer* layers, int64_t num_layers, float* x, int64_t B, int64_t H, int64_t nH,
+                      int64_t nKV, int64_t D, int64_t I, float eps, const int64_t* positions, const float* cos,
+                      const float* sin, const int64_t* out_slots, const int64_t* slot_table, int64_t S,
+                      const int64_t* lens, float scale, float* work) {
+    int64_t qkv_n = (nH + 2 * nKV) * D, q_n = nH * D;
+    float *h = work, *qkv = h + B * H, *q = qkv + B * qkv_n, *att = q + B * q_n, *gu = att + B * q_n;
+    float* act = gu + B * 2 * I;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const pd_layer* L = layers + l;
+        pd_rmsnorm(x, B, H, H, L->in_norm, eps, h);
+        pd_linear(h, B, H, H, L->qkv, qkv_n, qkv, qkv_n, L->qkv_bias, 0, 0);
+        pd_rope_store(qkv, B, positions, cos, sin, nH, nKV, D, out_slots, L->k_pool, L->v_pool, q);
+        pd_decode_attention(q, B, nH, nKV, D, L->k_pool, L->v_pool, slot_table, S, lens, scale, att);
+        pd_linear(att, B, q_n, q_n, L->o, H, x, H, 0, x, H);
+        pd_rmsnorm(x, B, H, H, L->post_norm, eps, h);
+        pd_linear(h, B, H, H, L->gate_up, 2 * I, gu, 2 * I, 0, 0, 0);
+        pd_silu_mul(gu, B, I, act);
+        pd_linear(act, B, I, I, L->down, H, x, H, 0, x, H);
+    }
+}

@@ -51,7 +51,16 @@ _SIGNATURES = {
     "pd_silu_mul": [_P, _I64, _I64, _P],
     "pd_rope_store": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P],
     "pd_decode_attention": [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _I64, _P, _F32, _P],
+    "pd_decode_layers": [_P, _I64, _P, _I64, _I64, _I64, _I64, _I64, _I64, _F32, _P, _P, _P, _P, _P, _I64, _P,
+                         _F32, _P],
 }
+
+
+class PdLayer(ctypes.Structure):
+    """pd_layer in cpu_kernels.c: one layer's packed weights, norm weights and KV pools (addresses)."""
+
+    _fields_ = [(name, _P) for name in ("in_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "down",
+                                        "k_pool", "v_pool")]
 
 
 @dataclass(frozen=True)
@@ -205,3 +214,18 @@ class CpuKernels:
                                      slot_table.data_ptr(), slot_table.stride(0), lens.data_ptr(), scale,
                                      out.data_ptr())
         return out
+
+    def decode_layers(self, layers: ctypes.Array, x: torch.Tensor, num_heads: int, num_kv_heads: int,
+                      head_dim: int, intermediate_size: int, eps: float, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, out_slots: torch.Tensor, slot_table: torch.Tensor,
+                      lens: torch.Tensor, scale: float) -> torch.Tensor:
+        """Every layer for a batch of decode rows only: x [B, H] contiguous, updated in place and returned.
+        layers: a PdLayer array (whose tensors the caller keeps alive); the rest as for the single ops."""
+        b, h = x.shape
+        work = torch.empty(b * (h + (num_heads + 2 * num_kv_heads) * head_dim + 2 * num_heads * head_dim
+                                + 3 * intermediate_size), dtype=torch.float32)
+        self.lib.pd_decode_layers(ctypes.addressof(layers), len(layers), x.data_ptr(), b, h, num_heads,
+                                  num_kv_heads, head_dim, intermediate_size, eps, positions.data_ptr(),
+                                  cos.data_ptr(), sin.data_ptr(), out_slots.data_ptr(), slot_table.data_ptr(),
+                                  slot_table.stride(0), lens.data_ptr(), scale, work.data_ptr())
+        return x

@@ -150,8 +150,10 @@ class LlamaForCausalLM:
             x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
         ops = self.ops
         ops.start_rows(meta.decode_start)  # prompt-token rows first, then one row per decoding sequence
+        fused = ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale)
+        x = x if fused is None else fused
         rope = ops.rope_inputs(positions)
-        for li, L in enumerate(self.layers):
+        for li, L in enumerate([] if fused is not None else self.layers):
             h = ops.rmsnorm(x, L["in_norm"], a.rms_norm_eps)
             qkv = ops.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
             q = ops.rope_store(qkv, rope, a.num_heads, a.num_kv_heads, a.head_dim, meta.out_slots, kv.k[li],

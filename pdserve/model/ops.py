@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,10 @@ from pdserve.model.kernel_check import check_kernels
 from pdserve.model.kernel_plan import KernelPlan
 
 if TYPE_CHECKING:
-    from pdserve.model.llama import LlamaArch
+    from pdserve.model.llama import AttnMetadata, KVCache, LlamaArch
+
+DECODE_LAYER_OPS = ("rmsnorm", "linear.qkv", "rope_store", "decode_attention", "linear.o", "linear.gate_up",
+                    "silu_mul", "linear.down")  # what one layer runs, in order, for decode rows
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,12 @@ class TorchOps:
         out = host_zeros(tuple(w_t.shape), w_t.dtype)
         out.copy_(w_t)
         return out
+
+    def decode_layers(self, x: torch.Tensor, layers: list[dict], kv: KVCache, positions: torch.Tensor,
+                      meta: AttnMetadata, arch: LlamaArch, scale: float) -> torch.Tensor | None:
+        """Every layer in one call for a batch of decode rows only, where a fused path exists (the same ops,
+        the same numbers); None: the caller runs the layers op by op."""
+        return None
 
     kernel_note = "torch runs every op"  # why no CPU kernel runs (pick_ops says more)
 
@@ -117,6 +128,7 @@ class KernelOps(TorchOps):
         self._plan = plan
         self._num_prefill_rows = 0
         self._paths: dict[str, tuple[bool, bool]] = {}  # op -> (prefill rows run the kernel, decode rows do)
+        self._layer_table: tuple[tuple, ctypes.Array] | None = None  # (what it was built from, PdLayer array)
 
     @property
     def plan(self) -> KernelPlan:
@@ -191,6 +203,29 @@ class KernelOps(TorchOps):
                 qs.append(super().rope_store(qkv[rows], super().rope_inputs(positions[rows]), num_heads,
                                              num_kv_heads, head_dim, out_slots[rows], k_pool, v_pool))
         return qs[0] if len(qs) == 1 else torch.cat(qs)
+
+    def decode_layers(self, x, layers, kv, positions, meta, arch, scale):
+        if (meta.prefills or meta.decode_start != 0 or arch.num_heads > cpu_kernels.ATT_MAX_HEADS
+                or not all(self._op_paths(op)[1] for op in DECODE_LAYER_OPS)):
+            return None
+        return self.k.decode_layers(self._layers_of(layers, kv), x.contiguous(), arch.num_heads, arch.num_kv_heads,
+                                    arch.head_dim, arch.intermediate_size, arch.rms_norm_eps, positions,
+                                    self.cos, self.sin, meta.out_slots, meta.decode_slot_table.contiguous(),
+                                    meta.decode_lens, scale)
+
+    def _layers_of(self, layers: list[dict], kv: KVCache) -> ctypes.Array:
+        """The PdLayer array for these layers and pools, built once (the model keeps both alive)."""
+        key = (id(layers), len(layers), kv.k[0].data_ptr(), kv.v[0].data_ptr())
+        if self._layer_table is None or self._layer_table[0] != key:
+            table = (cpu_kernels.PdLayer * len(layers))()
+            for entry, layer, k_pool, v_pool in zip(table, layers, kv.k, kv.v):
+                for name in ("in_norm", "qkv_bias", "post_norm"):
+                    setattr(entry, name, None if layer[name] is None else layer[name].data_ptr())
+                for name in ("qkv", "o", "gate_up", "down"):
+                    setattr(entry, name, layer[name].packed.panels.data_ptr())
+                entry.k_pool, entry.v_pool = k_pool.data_ptr(), v_pool.data_ptr()
+            self._layer_table = (key, table)
+        return self._layer_table[1]
 
     def decode_attention(self, q, k_pool, v_pool, slot_table, lens, scale):
         if q.shape[1] > cpu_kernels.ATT_MAX_HEADS or not self._op_paths("decode_attention")[1]:
