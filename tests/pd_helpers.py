@@ -11,6 +11,9 @@ import httpx
 from tests.conftest import ServerProcess, free_port, start_server, stop_server
 
 FAST_HEARTBEAT = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.5", "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2"}
+# The PD tests run signed, as `pdserve up` deployments do (unsigned loopback deployments: the EPD tests).
+AUTH_TOKEN = "pd-test-secret-0123456789"
+SIGNED = {"PDSERVE_DISAGGREGATION_AUTH_TOKEN": AUTH_TOKEN}
 
 
 @dataclass
@@ -26,13 +29,14 @@ def start_prefill(backend: str, extra: list[str] = (), env: dict | None = None, 
     bp = bootstrap_port or free_port()
     args = ["--num-threads", "1", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", backend,
             "--disaggregation-bootstrap-port", str(bp), "--max-total-tokens", "8192", *extra]
-    return Prefill(start_server(args, env=env, port=port), bp, args, dict(env or {}))
+    env = {**SIGNED, **(env or {})}
+    return Prefill(start_server(args, env=env, port=port), bp, args, env)
 
 
 def start_decode(backend: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
     args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
             "--max-total-tokens", "8192", *extra]
-    return start_server(args, env={**FAST_HEARTBEAT, **(env or {})})
+    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})})
 
 
 def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:
