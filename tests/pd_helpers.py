@@ -65,3 +65,33 @@ def flush(server: ServerProcess) -> None:
 def stop_all(*servers) -> None:
     for s in servers:
         stop_server(s.server if isinstance(s, Prefill) else s)
+
+
+class _CreatesFile:
+    """Unpickling this creates the file: what an attacker's frame would do to a pickle decoder."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_bomb(path: str) -> bytes:
+    """A pickle whose loading creates `path` (a control port that unpickles runs it)."""
+    import pickle
+
+    return pickle.dumps(_CreatesFile(path))
+
+
+def send_raw_frames(addr: str, frames: list[list[bytes]]) -> None:
+    """Push raw multipart frames to a ZMQ control address, as an attacker on the network would."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(addr)
+    for parts in frames:
+        sock.send_multipart(parts)
+    sock.close()
+

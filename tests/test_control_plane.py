@@ -5,13 +5,11 @@ prefill server attacked through its public control port."""
 from __future__ import annotations
 
 import os
-import pickle
 import time
 
 import httpx
 import msgspec
 import pytest
-import zmq
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.messages import PD_MESSAGES, AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
@@ -19,7 +17,7 @@ from pdserve.disagg.transfer import AgentInfo, MemRegion
 from pdserve.disagg.wire import WIRE_VERSION, FrameCodec
 from pdserve.epd.messages import EPD_MESSAGES, EmbedAbort, EmbedDestination, EmbedDone
 from pdserve.sampling_params import SamplingParams
-from tests.pd_helpers import AUTH_TOKEN, start_prefill, stop_all
+from tests.pd_helpers import AUTH_TOKEN, pickle_bomb, send_raw_frames, start_prefill, stop_all
 
 SECRET = AUTH_TOKEN.encode()
 AGENT = AgentInfo("nixl", "decode-abc", b"\x00meta\xff", (MemRegion(4096, 1 << 20, 512), MemRegion(8192, 64, 64)))
@@ -28,16 +26,6 @@ PD = [PeerRegister(AGENT, "tcp://127.0.0.1:5555"), KVDestination(7, "decode-abc"
       AbortRoom(2**63 - 1, "client went away", 5, "decode-abc")]
 EPD = [EmbedDestination(1, 0, AGENT, "tcp://127.0.0.1:1", 128, 4, 64, "float32"),
        EmbedDone(1, 0, ok=True, data=b"\x01" * 1024, nbytes=1024, transfer_s=0.5), EmbedAbort(1, "done")]
-
-
-class _Boom:
-    """Unpickling this would create the marker file: what an attacker's frame does to a pickle decoder."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.mark.parametrize("secret", [SECRET, None], ids=["signed", "unsigned"])
@@ -54,8 +42,8 @@ def test_bad_frames_are_dropped_and_counted(tmp_path):
     marker = str(tmp_path / "pwned")
     frame = tx.encode(PD[1])
     cases = {
-        "parts": [pickle.dumps(_Boom(marker))],
-        "signature": [pickle.dumps(_Boom(marker)), b"\x00" * 32],
+        "parts": [pickle_bomb(marker)],
+        "signature": [pickle_bomb(marker), b"\x00" * 32],
     }
     for reason, parts in cases.items():
         assert rx.decode(parts) is None and rx.dropped[reason] == 1
@@ -81,7 +69,7 @@ def test_bad_frames_are_dropped_and_counted(tmp_path):
                                        {"type": "KVDestination", "room": -1, "decode_agent": "d", "dst_slots": [1],
                                         "meta_row": 0, "prompt_len": 1, "nonce": 1}])
     unknown = msgspec.msgpack.encode([WIRE_VERSION, time.time(), os.urandom(16), {"type": "Shutdown"}])
-    for payload in (negative, unknown, body, pickle.dumps(_Boom(marker))):
+    for payload in (negative, unknown, body, pickle_bomb(marker)):
         assert rx.decode(signed(payload)) is None
     assert rx.dropped["malformed"] == 4
     small = FrameCodec(PD_MESSAGES, SECRET, max_frame_bytes=256)
@@ -121,15 +109,10 @@ def test_a_prefill_control_port_runs_no_pickle_and_takes_no_forged_frame(tmp_pat
     try:
         boot = f"http://127.0.0.1:{prefill.bootstrap_port}"
         rank = httpx.get(boot + "/route", params={"engine_rank": 0}, timeout=10).json()  # reads stay open
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 1000)
-        sock.connect(f"tcp://127.0.0.1:{rank['rank_port']}")
         forged = FrameCodec(PD_MESSAGES, b"not-the-deployment-secret").encode(PD[0])
-        for parts in ([pickle.dumps(_Boom(marker))], [pickle.dumps(_Boom(marker)), b""], forged,
-                      FrameCodec(PD_MESSAGES, None).encode(PD[4]), [b"\xc1" * 64, b"x"]):
-            sock.send_multipart(parts)
-        sock.close()
+        send_raw_frames(f"tcp://127.0.0.1:{rank['rank_port']}", [
+            [pickle_bomb(marker)], [pickle_bomb(marker), b""], forged, FrameCodec(PD_MESSAGES, None).encode(PD[4]),
+            [b"\xc1" * 64, b"x"]])
         deadline = time.monotonic() + 30
         while prefill.server.log().count("control frame dropped") < 5 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -94,3 +94,30 @@ def test_prefill_killed_then_restarted(pd):
     assert rd.json()["meta_info"]["completion_tokens"] == 4
     wait_idle_and_free(new.server, decode)
     assert load(decode)["num_reqs"] == 0
+
+
+def test_prefill_restarted_within_the_heartbeat_window():
+    """A prefill killed and restarted on the same address before the decode's heartbeats miss it: the decode
+    notices the new server_id on its next heartbeat, fails the old process's rooms at once (not after the
+    waiting timeout), frees their quarantined destinations, and serves through the new process."""
+    slow_heartbeat = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "1",
+                      "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "120"}
+    prefill = start_prefill(BACKEND)
+    decode = start_decode(BACKEND, env=slow_heartbeat)
+    try:
+        body = {"text": "hello there", "sampling_params": {"max_new_tokens": 8}}  # the prefill never gets it
+        with cf.ThreadPoolExecutor(2) as ex:
+            fd = ex.submit(_post, decode.base_url + "/generate", with_bootstrap(body, prefill), 300)
+            time.sleep(1.0)
+            assert load(decode)["num_tokens"] > 0  # its destination is out
+            os.killpg(prefill.server.proc.pid, signal.SIGKILL)
+            prefill.server.proc.wait(timeout=10)
+            port = int(prefill.server.base_url.rsplit(":", 1)[1])
+            prefill = start_prefill(BACKEND, env=prefill.env, port=port, bootstrap_port=prefill.bootstrap_port)
+            r = fd.result()
+        assert r.status_code == 500 and "restarted" in r.json()["error"]["message"], r.text
+        rp, rd = pd_post(prefill, decode, "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
+        assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
+        wait_idle_and_free(prefill.server, decode)
+    finally:
+        stop_all(prefill, decode)

@@ -31,6 +31,7 @@ from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
 from pdserve.disagg.metadata import MetaRow
 from pdserve.disagg.transfer import AgentInfo, TransferState, WriteRun, kv_write_runs
+from pdserve.disagg.transfer_queues import TransferQueues
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from pdserve.engine.request import Request
@@ -50,6 +51,7 @@ class PrefillEngine:
         self.kernel_plan = self.engine.kernel_plan
         self.link = DisaggLink(self.engine, config, "prefill", num_meta_rows=4 * config.max_running_requests + 16)
         self.engine.scheduler.kv_hold = self._start_transfer
+        self.queues = TransferQueues(self.link.transfer, ENVS.disagg_queue_size, ENVS.disagg_thread_pool_size)
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
@@ -139,6 +141,7 @@ class PrefillEngine:
 
     def close(self) -> None:
         self.bootstrap.stop()
+        self.queues.close()
         self.link.close()
 
     # ---- control messages ----------------------------------------------------------------------------
@@ -310,7 +313,7 @@ class PrefillEngine:
         rb = self.link.meta.row_bytes
         runs.append(WriteRun(mr, row * rb, st.meta_row * rb, rb))
         try:
-            st.handle = self.link.transfer.write(st.peer, runs)
+            st.handle = self.queues.write(st.peer, runs)
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
             self.waiting_input.pop(st.room, None)
@@ -325,13 +328,14 @@ class PrefillEngine:
         outs = []
         for rid, req in list(self.transferring.items()):
             st: RoomState = req.disagg
-            state = self.link.transfer.poll(st.handle)
-            if state is TransferState.TRANSFERRING and now() < st.deadline:
-                continue
-            if state is TransferState.TRANSFERRING:  # a hung peer: abandon the write (release aborts it)
-                st.aborted = st.aborted or (f"KV transfer to the decode did not finish within "
-                                            f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
-            self.link.transfer.release(st.handle)
+            state = self.queues.poll(st.handle)
+            if state is TransferState.TRANSFERRING:
+                if now() >= st.deadline and not st.aborted:  # a hung peer: its worker abandons the write
+                    st.aborted = (f"KV transfer to the decode did not finish within "
+                                  f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
+                    self.queues.release(st.handle)
+                continue  # the KV stays ours until the worker has stopped reading it
+            self.queues.release(st.handle)
             del self.transferring[rid]
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
