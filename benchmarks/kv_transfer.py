@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/kv_transfer.py [--backends nixl,mooncake] [--tokens 128,1024,4096] [--ttft-runs 5]
 
 Part 1 runs benchmarks/kv_transfer_backends.py (two processes, the real backends, SmolLM2-135M's KV layout:
-46,080 bytes per token). Part 2 starts real servers on 127.0.0.1: one unified server, then for each backend
+46,080 bytes per token). Then the cost of one control message (disagg/wire.py: encode + checked decode,
+unsigned and HMAC-signed with replay check), per message kind. Part 2 starts real servers on 127.0.0.1: one unified server, then for each backend
 one prefill + one decode, all with one torch thread, and measures time to first token of a 512-token prompt
 (streamed from the decode, the prefill half sent at the same moment, as a router does).
 """
@@ -77,6 +78,31 @@ def bench_pd(backend: str, runs: int) -> list[float]:
         stop_all(prefill, decode)
 
 
+def control_frame_cost(repeats: int = 20000) -> None:
+    """Microseconds per control message, send + receive side, unsigned and signed (same process, no socket)."""
+    from pdserve.disagg.messages import PD_MESSAGES, KVDestination, PeerRegister, TransferDone
+    from pdserve.disagg.transfer import AgentInfo, MemRegion
+    from pdserve.disagg.wire import FrameCodec
+
+    regions = tuple(MemRegion(1 << 40, 1 << 30, 46_080 // 60) for _ in range(61))
+    messages = {"PeerRegister (61 regions, 4 KB agent)": PeerRegister(AgentInfo("nixl", "d", b"x" * 4096, regions),
+                                                                      "tcp://10.0.0.2:5555"),
+                "KVDestination (512 slots)": KVDestination(1 << 62, "d", tuple(range(512)), 3, 512, 1 << 61),
+                "TransferDone": TransferDone(1 << 62, ok=True, nonce=1 << 61)}
+    print("\n== control frame cost (encode + checked decode, one message) ==", flush=True)
+    print(f"{'message':<40}{'bytes':>8}{'unsigned us':>13}{'signed us':>11}")
+    for name, msg in messages.items():
+        costs = []
+        for secret in (None, b"benchmark-secret-0123"):
+            tx, rx = FrameCodec(PD_MESSAGES, secret), FrameCodec(PD_MESSAGES, secret)
+            n = len(tx.encode(msg)[0])
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                rx.decode(tx.encode(msg))
+            costs.append((time.perf_counter() - t0) / repeats * 1e6)
+        print(f"{name:<40}{n:>8}{costs[0]:>13.1f}{costs[1]:>11.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="nixl,mooncake")
@@ -89,6 +115,7 @@ def main() -> None:
         print("== KV bytes and bandwidth per backend (two processes) ==", flush=True)
         subprocess.run([sys.executable, os.path.join(HERE, "kv_transfer_backends.py"), "--backends",
                         ",".join(backends), "--tokens", args.tokens], check=True)
+    control_frame_cost()
     print("\n== TTFT of a 512-token prompt, 1 torch thread per server ==", flush=True)
     rows = {"unified": bench_unified(args.ttft_runs)}
     for b in backends:

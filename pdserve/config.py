@@ -7,6 +7,11 @@ from dataclasses import dataclass
 # encode: vision encoder only (EPD); text: a language-only unified server that takes embeddings from encoders.
 DISAGG_MODES = ("null", "prefill", "decode", "encode", "text")
 TRANSFER_BACKENDS = ("nixl", "mooncake", "fake")
+MIN_AUTH_TOKEN_LEN = 16
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @dataclass(frozen=True)
@@ -34,10 +39,13 @@ class EngineConfig:
     engine_cpus: tuple[int, ...] = ()  # cores the engine process is pinned to; (): those of the server
     seed: int = 0
     disaggregation_mode: str = "null"
-    transfer_backend: str = "fake"
+    transfer_backend: str = "nixl"  # SGLang defaults to mooncake; nixl binds to the configured host
     bootstrap_port: int = 8998
     ib_device: str | None = None
     host: str = "127.0.0.1"
+    # Shared deployment secret: signs every control frame between servers (disagg/wire.py) and is the bearer
+    # token of bootstrap writes. Required where the control ports face a network (a non-loopback host).
+    auth_token: str | None = None
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
@@ -60,10 +68,26 @@ class EngineConfig:
         if self.encoder_urls and not self.language_only:
             raise ValueError("--encoder-urls needs a language-only server (--disaggregation-mode text, or prefill "
                              "with --encoder-disaggregated)")
+        if self.auth_token is not None and len(self.auth_token) < MIN_AUTH_TOKEN_LEN:
+            raise ValueError(f"the disaggregation auth token must have >= {MIN_AUTH_TOKEN_LEN} characters")
+        if self.has_control_plane and self.auth_token is None and not is_loopback(self.host):
+            raise ValueError(f"--disaggregation-mode {self.disaggregation_mode} on {self.host} opens control ports "
+                             "to a network: give every server of the deployment the same "
+                             "--disaggregation-auth-token (or PDSERVE_DISAGGREGATION_AUTH_TOKEN; `pdserve up` "
+                             "generates one)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if any(c < 0 for c in self.engine_cpus) or len(set(self.engine_cpus)) != len(self.engine_cpus):
             raise ValueError(f"engine_cpus must be distinct core ids >= 0, got {self.engine_cpus}")
+
+    @property
+    def has_control_plane(self) -> bool:
+        """Whether this server talks to peer servers over control sockets (PD or EPD)."""
+        return self.disaggregation_mode != "null" or self.encoder_disaggregated or bool(self.encoder_urls)
+
+    @property
+    def auth_secret(self) -> bytes | None:
+        return None if self.auth_token is None else self.auth_token.encode()
 
     @property
     def language_only(self) -> bool:

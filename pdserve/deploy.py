@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -113,12 +114,17 @@ class Deployment:
         self._stopping = False
 
     def start(self) -> None:
+        # One secret per deployment, in the environment (not on command lines, which `ps` shows): it signs the
+        # servers' control frames and authorises bootstrap writes (config.py auth_token).
+        env = dict(os.environ)
+        if not env.get("PDSERVE_DISAGGREGATION_AUTH_TOKEN"):
+            env["PDSERVE_DISAGGREGATION_AUTH_TOKEN"] = secrets.token_urlsafe(32)
         for c in self.children:
             log = open(c.log_path, "w")
             cpus = set(c.cpus)
             preexec = (lambda cpus=cpus: os.sched_setaffinity(0, cpus)) if cpus else None
             c.proc = subprocess.Popen(c.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=preexec)
+                                      preexec_fn=preexec, env=env)
             log.close()
 
     def dead_child(self) -> Child | None:

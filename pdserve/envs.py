@@ -29,6 +29,8 @@ class Envs:
     disagg_heartbeat_interval_s: float
     disagg_heartbeat_max_failure: int
     disagg_nixl_backend: str
+    disagg_auth_token: str  # "" when unset
+    disagg_transfer_timeout_s: float
     cache_dir: str
     disable_cpu_kernels: bool
     cpu_isa: str  # "" (auto) or the highest ISA path pdserve's kernels and torch may use: avx512|avx2|portable
@@ -51,6 +53,8 @@ def _read() -> Envs:
         disagg_heartbeat_interval_s=_float("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", 5.0),
         disagg_heartbeat_max_failure=_int("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", 2),
         disagg_nixl_backend=os.environ.get("SGLANG_DISAGGREGATION_NIXL_BACKEND", "UCX"),
+        disagg_auth_token=os.environ.get("PDSERVE_DISAGGREGATION_AUTH_TOKEN", ""),
+        disagg_transfer_timeout_s=_float("PDSERVE_TRANSFER_TIMEOUT", 30.0),
         cache_dir=os.environ.get("PDSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pdserve")),
         disable_cpu_kernels=os.environ.get("PDSERVE_DISABLE_CPU_KERNELS", "") not in ("", "0"),
         cpu_isa=os.environ.get("PDSERVE_CPU_ISA", "").strip().lower(),

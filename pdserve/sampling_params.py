@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MAX_INT32 = 2**31 - 1
+# Inclusive bounds of the integer fields, checked where a request enters (a number out of range is a 400, never
+# an overflow deeper down). seed: what torch's generator takes, less room for the n > 1 offsets.
+INT_RANGES = {"max_new_tokens": (0, MAX_INT32), "min_new_tokens": (0, MAX_INT32), "top_k": (-1, MAX_INT32),
+              "seed": (-(2**63), 2**63 - 1 - 1024)}
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,13 @@ class SamplingParams:
             v = d.get(name)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
-                raise ValueError(f"{name} must be {'an integer' if typ is int else 'a number'}, got {v!r}")
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or (typ is int and not float(v).is_integer())):
+                raise ValueError(f"{name} must be {'an integer' if typ is int else 'a finite number'}, got {v!r}")
             kw[name] = typ(v)
+            lo, hi = INT_RANGES.get(name, (None, None))
+            if lo is not None and not lo <= kw[name] <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {v!r}")
         stop = d.get("stop")
         if stop is not None:
             if isinstance(stop, str):
@@ -85,8 +97,9 @@ class SamplingParams:
         if ids is not None:
             if isinstance(ids, int):
                 ids = [ids]
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError("stop_token_ids must be a list of integers")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                    and 0 <= i <= MAX_INT32 for i in ids):
+                raise ValueError(f"stop_token_ids must be a list of integers in [0, {MAX_INT32}]")
             kw["stop_token_ids"] = tuple(ids)
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             v = d.get(name)
@@ -100,8 +113,11 @@ class SamplingParams:
                 raise ValueError("logit_bias must be an object mapping token id to bias")
             try:
                 kw["logit_bias"] = tuple((int(k), float(v)) for k, v in bias.items())
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f"logit_bias has an invalid entry: {e}") from None
+            if not all(0 <= k <= MAX_INT32 and abs(v) <= MAX_LOGIT_BIAS for k, v in kw["logit_bias"]):
+                raise ValueError(f"logit_bias maps token ids >= 0 to biases in [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}]")
         return cls(**kw)
 
     def with_max_new_tokens(self, n: int) -> "SamplingParams":

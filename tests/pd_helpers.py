@@ -11,6 +11,9 @@ import httpx
 from tests.conftest import ServerProcess, free_port, start_server, stop_server
 
 FAST_HEARTBEAT = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "0.5", "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "2"}
+# The PD tests run signed, as `pdserve up` deployments do (unsigned loopback deployments: the EPD tests).
+AUTH_TOKEN = "pd-test-secret-0123456789"
+SIGNED = {"PDSERVE_DISAGGREGATION_AUTH_TOKEN": AUTH_TOKEN}
 
 
 @dataclass
@@ -26,13 +29,14 @@ def start_prefill(backend: str, extra: list[str] = (), env: dict | None = None, 
     bp = bootstrap_port or free_port()
     args = ["--num-threads", "1", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", backend,
             "--disaggregation-bootstrap-port", str(bp), "--max-total-tokens", "8192", *extra]
-    return Prefill(start_server(args, env=env, port=port), bp, args, dict(env or {}))
+    env = {**SIGNED, **(env or {})}
+    return Prefill(start_server(args, env=env, port=port), bp, args, env)
 
 
 def start_decode(backend: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
     args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
             "--max-total-tokens", "8192", *extra]
-    return start_server(args, env={**FAST_HEARTBEAT, **(env or {})})
+    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})})
 
 
 def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:
@@ -61,3 +65,33 @@ def flush(server: ServerProcess) -> None:
 def stop_all(*servers) -> None:
     for s in servers:
         stop_server(s.server if isinstance(s, Prefill) else s)
+
+
+class _CreatesFile:
+    """Unpickling this creates the file: what an attacker's frame would do to a pickle decoder."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def pickle_bomb(path: str) -> bytes:
+    """A pickle whose loading creates `path` (a control port that unpickles runs it)."""
+    import pickle
+
+    return pickle.dumps(_CreatesFile(path))
+
+
+def send_raw_frames(addr: str, frames: list[list[bytes]]) -> None:
+    """Push raw multipart frames to a ZMQ control address, as an attacker on the network would."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(addr)
+    for parts in frames:
+        sock.send_multipart(parts)
+    sock.close()
+

@@ -28,6 +28,7 @@ import pytest
 
 from pdserve.epd.dispatch import Target, assign_images, dispatch, extract_images
 from tests.conftest import free_port, start_server, stop_server
+from tests.pd_helpers import pickle_bomb, send_raw_frames
 
 BACKEND = "nixl"
 MAX_NEW = 12
@@ -378,6 +379,21 @@ def test_text_only_requests_unchanged(epd, reference):
     for target in (Target(text=servers["text"].base_url), _pd_target(servers, bp)):
         assert ids_of(run_dispatch("/generate", body, [servers["encA"]], target)) == reference["text"]
     assert load(servers["encA"])["epd_held_embeddings"] == 0
+
+
+def test_control_ports_run_no_pickle(epd, images, reference, tmp_path):
+    """An encoder's control address is public (/server_info): a pickle sent there runs nothing, and the
+    encoder still serves."""
+    servers, _ = epd
+    enc = servers["encA"]
+    addr = httpx.get(enc.base_url + "/server_info", timeout=30).json()["epd_control_addr"]
+    marker = str(tmp_path / "pwned")
+    send_raw_frames(addr, [[pickle_bomb(marker)], [pickle_bomb(marker), b""]])
+    deadline = time.monotonic() + 30
+    while enc.log().count("control frame dropped") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert enc.log().count("control frame dropped") >= 2 and not os.path.exists(marker)
+    test_encode_text_matches_unified(epd, images, reference)
 
 
 def test_bad_images_fail_cleanly(epd, images):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import signal
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import stop_server
 from tests.engine_helpers import PROMPTS
 from tests.pd_helpers import flush, load, pd_post, start_decode, start_prefill, stop_all
 

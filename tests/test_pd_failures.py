@@ -10,7 +10,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import stop_server
 from tests.pd_helpers import Prefill, load, pd_post, start_decode, start_prefill, stop_all, with_bootstrap
 from tests.test_pd import wait_idle_and_free
 
@@ -82,7 +81,9 @@ def test_prefill_killed_then_restarted(pd):
         detected = time.monotonic() - t_kill
     assert detected < 0.5 * 2 + 8, detected  # interval x max_failure + slack
     prefill.server.proc.wait(timeout=10)
-    wait_idle_and_free(decode)
+    # The failed requests' destinations stay quarantined (an unreachable prefill may only be partitioned away
+    # and still write) until a new prefill process owns the address or their TTL ends.
+    assert load(decode)["num_reqs"] == 0 and load(decode)["num_tokens"] > 0
     # A prefill restarted on the same address is served again without restarting the decode.
     port = int(prefill.server.base_url.rsplit(":", 1)[1])
     new = start_prefill(BACKEND, env=prefill.env, port=port, bootstrap_port=prefill.bootstrap_port)
@@ -93,3 +94,30 @@ def test_prefill_killed_then_restarted(pd):
     assert rd.json()["meta_info"]["completion_tokens"] == 4
     wait_idle_and_free(new.server, decode)
     assert load(decode)["num_reqs"] == 0
+
+
+def test_prefill_restarted_within_the_heartbeat_window():
+    """A prefill killed and restarted on the same address before the decode's heartbeats miss it: the decode
+    notices the new server_id on its next heartbeat, fails the old process's rooms at once (not after the
+    waiting timeout), frees their quarantined destinations, and serves through the new process."""
+    slow_heartbeat = {"SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL": "1",
+                      "SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE": "120"}
+    prefill = start_prefill(BACKEND)
+    decode = start_decode(BACKEND, env=slow_heartbeat)
+    try:
+        body = {"text": "hello there", "sampling_params": {"max_new_tokens": 8}}  # the prefill never gets it
+        with cf.ThreadPoolExecutor(2) as ex:
+            fd = ex.submit(_post, decode.base_url + "/generate", with_bootstrap(body, prefill), 300)
+            time.sleep(1.0)
+            assert load(decode)["num_tokens"] > 0  # its destination is out
+            os.killpg(prefill.server.proc.pid, signal.SIGKILL)
+            prefill.server.proc.wait(timeout=10)
+            port = int(prefill.server.base_url.rsplit(":", 1)[1])
+            prefill = start_prefill(BACKEND, env=prefill.env, port=port, bootstrap_port=prefill.bootstrap_port)
+            r = fd.result()
+        assert r.status_code == 500 and "restarted" in r.json()["error"]["message"], r.text
+        rp, rd = pd_post(prefill, decode, "/generate", {"text": "Hello", "sampling_params": {"max_new_tokens": 4}})
+        assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
+        wait_idle_and_free(prefill.server, decode)
+    finally:
+        stop_all(prefill, decode)

@@ -1,28 +1,35 @@
 """Bootstrap server (runs beside a prefill engine) and its client.
 
-PUT /route  registers a prefill rank's control address and KV layout (JSON of RankInfo);
-GET /route?engine_rank=N  returns it to decode servers; GET /health answers heartbeats.
+PUT /route  registers a prefill rank's control address and KV layout (JSON of RankInfo, schema-checked);
+            with a deployment secret it needs `Authorization: Bearer <secret>` (401 otherwise), so nobody
+            without it can point decode servers at another address (SGLang issue 39400);
+GET /route?engine_rank=N  returns it to decode servers (and their heartbeats, which notice a restart by its
+            new server_id); GET /health answers health checks. Reads stay open.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import hmac
 import logging
 import threading
-import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+import msgspec
 
 from pdserve.disagg.messages import RankInfo
 
 logger = logging.getLogger(__name__)
 
 
+MAX_BODY_BYTES = 64 * 1024
+
+
 class BootstrapServer:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, auth_token: str | None):
         self.ranks: dict[int, RankInfo] = {}
+        expected = None if auth_token is None else f"Bearer {auth_token}".encode()
         lock = threading.Lock()
         ranks = self.ranks
 
@@ -30,8 +37,8 @@ class BootstrapServer:
             def log_message(self, fmt, *args):  # quiet
                 logger.debug(fmt, *args)
 
-            def _reply(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
+            def _reply(self, code: int, body: dict | RankInfo) -> None:
+                data = msgspec.json.encode(body)
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -43,21 +50,30 @@ class BootstrapServer:
                 if url.path == "/health":
                     return self._reply(200, {"status": "ok"})
                 if url.path == "/route":
-                    rank = int(parse_qs(url.query).get("engine_rank", ["0"])[0])
+                    try:
+                        rank = int(parse_qs(url.query).get("engine_rank", ["0"])[0])
+                    except ValueError:
+                        return self._reply(400, {"error": "engine_rank must be an integer"})
                     with lock:
                         info = ranks.get(rank)
                     if info is None:
                         return self._reply(404, {"error": f"engine rank {rank} not registered"})
-                    return self._reply(200, dataclasses.asdict(info))
+                    return self._reply(200, info)
                 self._reply(404, {"error": "not found"})
 
             def do_PUT(self):
                 if urlparse(self.path).path != "/route":
                     return self._reply(404, {"error": "not found"})
+                given = self.headers.get("Authorization", "").encode()
+                if expected is not None and not hmac.compare_digest(given, expected):
+                    self.close_connection = True
+                    return self._reply(401, {"error": "bootstrap writes need the deployment's bearer token"})
                 try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    info = RankInfo(**body)
-                except (ValueError, TypeError) as e:
+                    length = int(self.headers.get("Content-Length", 0))
+                    if not 0 < length <= MAX_BODY_BYTES:
+                        return self._reply(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes"})
+                    info = msgspec.json.decode(self.rfile.read(length), type=RankInfo)
+                except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as e:
                     return self._reply(400, {"error": f"bad rank info: {e}"})
                 with lock:
                     ranks[info.engine_rank] = info
@@ -81,21 +97,16 @@ def _url(host: str, port: int, path: str) -> str:
     return f"http://{h}:{port}{path}"
 
 
-def register_rank(host: str, port: int, info: RankInfo, timeout: float = 5.0) -> None:
-    req = urllib.request.Request(_url(host, port, "/route"), data=json.dumps(dataclasses.asdict(info)).encode(),
-                                 method="PUT", headers={"Content-Type": "application/json"})
+def register_rank(host: str, port: int, info: RankInfo, auth_token: str | None, timeout: float = 5.0) -> None:
+    headers = {"Content-Type": "application/json"}
+    if auth_token is not None:
+        headers["Authorization"] = f"Bearer {auth_token}"
+    req = urllib.request.Request(_url(host, port, "/route"), data=msgspec.json.encode(info), method="PUT",
+                                 headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         r.read()
 
 
 def lookup_rank(host: str, port: int, engine_rank: int = 0, timeout: float = 5.0) -> RankInfo:
     with urllib.request.urlopen(_url(host, port, f"/route?engine_rank={engine_rank}"), timeout=timeout) as r:
-        return RankInfo(**json.loads(r.read()))
-
-
-def check_health(host: str, port: int, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(_url(host, port, "/health"), timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return msgspec.json.decode(r.read(), type=RankInfo)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.control import ControlChannel
+from pdserve.disagg.messages import PD_MESSAGES
 from pdserve.disagg.metadata import MetadataBuffer
 from pdserve.disagg.transfer import MemRegion, TransferEngine, TransferState, create_transfer_engine
 from pdserve.engine.engine import Engine
@@ -28,6 +29,7 @@ class RoomState:
     peer: str | None = None  # prefill: decode agent name; decode: bootstrap "host:port"
     dst_slots: tuple[int, ...] = ()
     meta_row: int | None = None
+    nonce: int = 0  # the destination's (KVDestination.nonce); 0 until the decode hands one out
     handle: object = None
     aborted: str | None = None  # reason, once either side gave up
     held_output: RequestOutput | None = None
@@ -52,7 +54,7 @@ class DisaggLink:
         self.agent_name = f"{role}-{uuid.uuid4().hex[:12]}"
         self.transfer: TransferEngine = create_transfer_engine(config.transfer_backend, self.agent_name, config.host,
                                                                regions, config.ib_device)
-        self.ctrl = ControlChannel(config.host)
+        self.ctrl = ControlChannel(config.host, PD_MESSAGES, config.auth_secret)
         self.moves_data = config.transfer_backend != "fake"
         logger.info("%s: transfer backend %s, control %s, %d regions", self.agent_name, config.transfer_backend,
                     self.ctrl.addr, len(regions))

@@ -12,20 +12,25 @@ Lifecycle of one request on a decode server:
    foreign or partial KV); the request joins the running batch with num_computed_tokens = prompt length
    and the first token, without recomputing the prompt, and streams (SUCCESS): the first token goes out
    at once, before the next decode step runs.
-5. Failures end the request with a clear error and free its slots: TransferDone(ok=False), AbortRoom, no
-   TransferDone within SGLANG_DISAGGREGATION_WAITING_TIMEOUT, or the prefill missing
-   SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE heartbeats in a row. A client abort sends AbortRoom.
+5. Failures end the request with a clear error: TransferDone(ok=False), no TransferDone within
+   SGLANG_DISAGGREGATION_WAITING_TIMEOUT, the prefill missing SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE
+   heartbeats in a row or restarting (a new server_id), or a client abort. Once KVDestination went out, the
+   prefill may still write into that destination, so its slots and metadata row are not freed with the request:
+   they stay quarantined (AbortRoom tells the prefill) until the prefill's TransferDone with that destination's
+   nonce says it will not write, or QUARANTINE_TTL_S passes (longer than a prefill may take to start and finish
+   a write). Nothing else can be given those slots meanwhile, so a late write lands on nobody's KV.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.bootstrap import check_health, lookup_rank
+from pdserve.disagg.bootstrap import lookup_rank
 from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
 from pdserve.disagg.transfer import TransferState
@@ -38,6 +43,22 @@ from pdserve.model.loader import ResolvedModel
 logger = logging.getLogger(__name__)
 
 RESERVED_DECODE_TOKENS = 32  # per admitted request, kept free so running decodes can grow
+# How long a failed request's destination stays quarantined without the prefill's word: the prefill starts a
+# write within its waiting timeout of the destination's arrival and ends it within its transfer timeout.
+QUARANTINE_TTL_S = ENVS.disagg_waiting_timeout_s + ENVS.disagg_transfer_timeout_s + 10.0
+
+
+@dataclass
+class Quarantined:
+    """A destination a prefill may still write into: held until the prefill's word or the TTL."""
+
+    room: int
+    nonce: int
+    slots: list[int]
+    meta_row: int
+    until: float
+    peer: str  # "host:port" of the prefill's bootstrap server
+    server_id: str  # of the prefill process that had the destination
 
 
 @dataclass
@@ -50,6 +71,7 @@ class PrefillPeer:
     ctrl_addr: str | None = None
     failures: int = 0
     dead: str | None = None  # set by the heartbeat thread
+    replaced_by: str | None = None  # server_id of a new prefill process on this address (heartbeat thread)
     rooms: set[int] = field(default_factory=set)
 
 
@@ -66,6 +88,7 @@ class DecodeEngine:
         self.prealloc: list[Request] = []  # BOOTSTRAPPING: waiting for peer or memory
         self.transferring: dict[int, Request] = {}  # room -> request whose KV is on its way
         self.rooms: dict[int, Request] = {}  # every live PD request not yet running
+        self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -106,7 +129,6 @@ class DecodeEngine:
             return None
         st: RoomState = req.disagg
         if st is not None and st.state is not TransferState.SUCCESS:
-            self._send_peer(st.peer, AbortRoom(st.room, reason))
             return self._fail(req, reason)
         self.engine.abort(rid)
         return self.engine.make_output(req)
@@ -148,9 +170,8 @@ class DecodeEngine:
                 try:
                     peer.rank = peer.lookup.result()
                     peer.ctrl_addr = f"tcp://{_bracket(peer.rank.rank_ip)}:{peer.rank.rank_port}"
-                    if peer.rank.backend != self.config.transfer_backend:
-                        raise ValueError(f"prefill uses transfer backend {peer.rank.backend!r}, "
-                                         f"this decode uses {self.config.transfer_backend!r}")
+                    self._release_replaced(peer.key, peer.rank.server_id)
+                    self._check_layout(peer.rank)
                     self.link.ctrl.send(peer.ctrl_addr, PeerRegister(self.link.transfer.local_info(), self.link.ctrl.addr))
                 except Exception as e:
                     peer.dead = f"cannot bootstrap with prefill at {key}: {e}"
@@ -159,20 +180,50 @@ class DecodeEngine:
                 outs += self._drop_peer(peer)
         return outs
 
+    def _release_replaced(self, key: str, server_id: str) -> None:
+        """A new prefill process owns the address (its bootstrap port): the one that had these destinations is
+        gone and writes nothing more, so they are free now rather than at the end of their TTL."""
+        for qkey, held in list(self.quarantine.items()):
+            if held.peer == key and held.server_id != server_id:
+                del self.quarantine[qkey]
+                self._release(held)
+
+    def _check_layout(self, rank: RankInfo) -> None:
+        """The prefill must write what this decode holds: the same backend, regions and bytes per token."""
+        if rank.backend != self.config.transfer_backend:
+            raise ValueError(f"prefill uses transfer backend {rank.backend!r}, this decode uses "
+                             f"{self.config.transfer_backend!r} (--disaggregation-transfer-backend must match)")
+        if (rank.num_regions, rank.item_bytes) != (self.link.num_kv_regions, self.link.item_bytes):
+            raise ValueError(f"prefill KV layout ({rank.num_regions} regions of {rank.item_bytes} bytes per token) "
+                             f"differs from this decode's ({self.link.num_kv_regions} of {self.link.item_bytes}): "
+                             "different models or dtypes?")
+
     def _drop_peer(self, peer: PrefillPeer) -> list[RequestOutput]:
         """Fail every request bound to a dead (or unreachable) prefill; forget it so a restart re-bootstraps."""
         logger.warning("%s", peer.dead)
+        outs = [self._fail(req, peer.dead) for req in list(self.rooms.values()) if req.disagg.peer == peer.key]
+        if peer.replaced_by is not None:
+            self._release_replaced(peer.key, peer.replaced_by)
         del self.peers[peer.key]
         if peer.ctrl_addr:
             self.link.ctrl.forget(peer.ctrl_addr)
-        return [self._fail(req, peer.dead) for req in list(self.rooms.values()) if req.disagg.peer == peer.key]
+        return outs
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(ENVS.disagg_heartbeat_interval_s):
             for peer in list(self.peers.values()):
                 if peer.rank is None or peer.dead:
                     continue
-                if check_health(peer.host, peer.port, timeout=min(2.0, ENVS.disagg_heartbeat_interval_s)):
+                try:  # the route, not just /health: a prefill restarted on the same address has a new id
+                    rank = lookup_rank(peer.host, peer.port, timeout=min(2.0, ENVS.disagg_heartbeat_interval_s))
+                except Exception:  # noqa: BLE001 - any failure is a missed heartbeat
+                    rank = None
+                if rank is not None and rank.server_id != peer.rank.server_id:
+                    peer.replaced_by = rank.server_id
+                    peer.dead = (f"prefill server at {peer.key} restarted (server id {peer.rank.server_id} -> "
+                                 f"{rank.server_id}): its in-flight transfers are lost")
+                    continue
+                if rank is not None:
                     peer.failures = 0
                     continue
                 peer.failures += 1
@@ -205,31 +256,43 @@ class DecodeEngine:
                 if row is not None:
                     self.link.meta.free(row)
                 break
-            st.dst_slots, st.meta_row = tuple(req.slots), row
+            st.dst_slots, st.meta_row, st.nonce = tuple(req.slots), row, secrets.randbits(63) | 1
             st.state = TransferState.TRANSFERRING
             self.prealloc.remove(req)
             self.transferring[st.room] = req
-            self.link.ctrl.send(peer.ctrl_addr, KVDestination(st.room, self.link.agent_name, st.dst_slots, row, n))
+            self.link.ctrl.send(peer.ctrl_addr, KVDestination(st.room, self.link.agent_name, st.dst_slots, row, n,
+                                                              st.nonce))
         return []
 
     def _handle_control(self) -> list[RequestOutput]:
         outs = []
         for msg in self.link.ctrl.recv_all():
-            if isinstance(msg, TransferDone):
-                req = self.transferring.get(msg.room)
-                if req is None:
-                    continue
-                if not msg.ok:
-                    outs.append(self._fail(req, msg.error or "prefill reported a failed transfer"))
-                else:
-                    out = self._join(req, msg)
-                    if out is not None:
-                        outs.append(out)
-            elif isinstance(msg, AbortRoom):
-                req = self.rooms.get(msg.room)
-                if req is not None:
-                    outs.append(self._fail(req, msg.reason))
+            try:  # one message fails at most the room it names, never the engine
+                outs += self._on_message(msg)
+            except Exception:  # noqa: BLE001
+                logger.exception("control message %s failed", type(msg).__name__)
         return outs
+
+    def _on_message(self, msg: object) -> list[RequestOutput]:
+        if isinstance(msg, TransferDone):
+            held = self.quarantine.pop((msg.room, msg.nonce), None)
+            if held is not None:  # the prefill will not write there: the destination is free again
+                self._release(held)
+                return []
+            req = self.transferring.get(msg.room)
+            if req is None or req.disagg.nonce != msg.nonce:
+                return []  # late news of an earlier use of this room
+            if not msg.ok:
+                return [self._fail(req, msg.error or "prefill reported a failed transfer", prefill_done=True)]
+            out = self._join(req, msg)
+            return [] if out is None else [out]
+        if isinstance(msg, AbortRoom):  # a prefill gives up (it answers TransferDone for what it held)
+            req = self.rooms.get(msg.room)
+            if req is not None and (msg.nonce == 0 or msg.nonce == req.disagg.nonce):
+                return [self._fail(req, msg.reason)]
+            return []
+        logger.warning("unexpected %s on a decode's control socket", type(msg).__name__)
+        return []
 
     def _join(self, req: Request, done: TransferDone) -> RequestOutput | None:
         st: RoomState = req.disagg
@@ -237,9 +300,10 @@ class DecodeEngine:
         if done.meta_bytes is not None:
             meta.set_row_bytes(st.meta_row, done.meta_bytes)
         row = meta.read(st.meta_row)
-        if row is None or row.room != st.room:
-            found = "no metadata" if row is None else f"room {row.room}"
-            return self._fail(req, f"metadata check failed for room {st.room} ({found}): refusing foreign KV")
+        if row is None or row.room != st.room or row.nonce != st.nonce:
+            found = "no metadata" if row is None else f"room {row.room}, nonce {row.nonce}"
+            return self._fail(req, f"metadata check failed for room {st.room} ({found}): refusing foreign KV",
+                              prefill_done=True)
         del self.transferring[st.room]
         del self.rooms[st.room]
         meta.free(st.meta_row)
@@ -261,25 +325,45 @@ class DecodeEngine:
 
     def _expire(self) -> list[RequestOutput]:
         t = now()
+        for key, held in list(self.quarantine.items()):
+            if t >= held.until:
+                logger.warning("room %d: no word from the prefill in %.0f s; its quarantined destination is "
+                               "released", held.room, QUARANTINE_TTL_S)
+                del self.quarantine[key]
+                self._release(held)
         return [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
                                 f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
                 for req in list(self.rooms.values()) if t >= req.disagg.deadline]
 
-    def _fail(self, req: Request, reason: str) -> RequestOutput:
+    def _fail(self, req: Request, reason: str, prefill_done: bool = False) -> RequestOutput:
+        """End a request that is not running yet. prefill_done: the prefill said it will not write (its
+        TransferDone); otherwise a destination it was given is quarantined and the prefill is told."""
         st: RoomState = req.disagg
         if st.state is not TransferState.SUCCESS:
+            sent = st.state is TransferState.TRANSFERRING  # the prefill has (or will have) this destination
             st.state = TransferState.FAILED
             self.rooms.pop(st.room, None)
             self.transferring.pop(st.room, None)
             if req in self.prealloc:
                 self.prealloc.remove(req)
-            if st.meta_row is not None:
-                self.link.meta.free(st.meta_row)
-                st.meta_row = None
             peer = self.peers.get(st.peer or "")
             if peer is not None:
                 peer.rooms.discard(st.room)
+            if sent and not prefill_done:
+                server_id = peer.rank.server_id if peer is not None and peer.rank is not None else ""
+                self.quarantine[(st.room, st.nonce)] = Quarantined(
+                    st.room, st.nonce, self.engine.scheduler.kv.detach(req), st.meta_row, now() + QUARANTINE_TTL_S,
+                    st.peer or "", server_id)
+                st.meta_row = None
+                self._send_peer(st.peer, AbortRoom(st.room, reason, st.nonce, self.link.agent_name))
+            elif st.meta_row is not None:
+                self.link.meta.free(st.meta_row)
+                st.meta_row = None
         return self.link.fail(req, reason)
+
+    def _release(self, held: Quarantined) -> None:
+        self.engine.scheduler.kv.free_detached(held.slots)
+        self.link.meta.free(held.meta_row)
 
 
 def _bracket(host: str) -> str:

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_TOP_LOGPROBS = 20
-ROW_WORDS = 6 + 2 * MAX_TOP_LOGPROBS
+HEADER_WORDS = 7  # valid, room, first token, cached tokens, logprob, number of top entries, nonce
+ROW_WORDS = HEADER_WORDS + 2 * MAX_TOP_LOGPROBS
 VALID = 0x5044  # marks a written row
 
 
 @dataclass
 class MetaRow:
     room: int
+    nonce: int  # the destination's (KVDestination.nonce)
     first_token: int
     cached_tokens: int
     logprob: float
@@ -54,22 +56,26 @@ class MetadataBuffer:
         top = m.top[:MAX_TOP_LOGPROBS]
         r[0], r[1], r[2], r[3] = VALID, m.room, m.first_token, m.cached_tokens
         r[4] = np.array([m.logprob], dtype=np.float64).view(np.int64)[0]
-        r[5] = len(top)
+        r[5], r[6] = len(top), m.nonce
+        ids_at, lps_at = HEADER_WORDS, HEADER_WORDS + MAX_TOP_LOGPROBS
         if top:
-            r[6 : 6 + len(top)] = [t for t, _ in top]
-            r[6 + MAX_TOP_LOGPROBS : 6 + MAX_TOP_LOGPROBS + len(top)] = np.array([p for _, p in top], np.float64).view(np.int64)
+            r[ids_at : ids_at + len(top)] = [t for t, _ in top]
+            r[lps_at : lps_at + len(top)] = np.array([p for _, p in top], np.float64).view(np.int64)
 
     def read(self, row: int) -> MetaRow | None:
         r = self.buf[row]
         if r[0] != VALID:
             return None
-        n = int(r[5])
-        ids = r[6 : 6 + n].tolist()
-        lps = r[6 + MAX_TOP_LOGPROBS : 6 + MAX_TOP_LOGPROBS + n].view(np.float64).tolist()
-        return MetaRow(int(r[1]), int(r[2]), int(r[3]), float(r[4:5].view(np.float64)[0]), list(zip(ids, lps)))
+        n = min(max(int(r[5]), 0), MAX_TOP_LOGPROBS)
+        ids = r[HEADER_WORDS : HEADER_WORDS + n].tolist()
+        lps = r[HEADER_WORDS + MAX_TOP_LOGPROBS : HEADER_WORDS + MAX_TOP_LOGPROBS + n].view(np.float64).tolist()
+        return MetaRow(int(r[1]), int(r[6]), int(r[2]), int(r[3]), float(r[4:5].view(np.float64)[0]),
+                       list(zip(ids, lps)))
 
     def row_view(self, row: int) -> bytes:
         return self.buf[row].tobytes()
 
     def set_row_bytes(self, row: int, data: bytes) -> None:
+        if len(data) != self.row_bytes:
+            raise ValueError(f"metadata row of {len(data)} bytes, expected {self.row_bytes}")
         self.buf[row] = np.frombuffer(data, dtype=np.int64)

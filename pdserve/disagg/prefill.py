@@ -13,7 +13,11 @@ Lifecycle of one request on a prefill server:
    the decode's memory through the transfer engine (TRANSFERRING), polled every step.
 5. SUCCESS or FAILED: TransferDone goes to the decode, the KV slots are released (into the prefix cache)
    and the one-token HTTP answer is emitted (with the error on failure).
-Abort (client disconnect, /abort_request, AbortRoom from the decode) is honoured in every state.
+Abort (client disconnect, /abort_request, AbortRoom from the decode) is honoured in every state, and every
+state has a deadline: BOOTSTRAPPING SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT, WAITING_FOR_INPUT
+SGLANG_DISAGGREGATION_WAITING_TIMEOUT, TRANSFERRING PDSERVE_TRANSFER_TIMEOUT (the write is abandoned). Whatever
+ends a room whose destination arrived, the decode hears TransferDone with the destination's nonce: its word
+that nothing more will be written there (the decode quarantines the destination until then).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pdserve.disagg.bootstrap import BootstrapServer, register_rank
 from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
 from pdserve.disagg.metadata import MetaRow
-from pdserve.disagg.transfer import TransferState, WriteRun, kv_write_runs
+from pdserve.disagg.transfer import AgentInfo, TransferState, WriteRun, kv_write_runs
+from pdserve.disagg.transfer_queues import TransferQueues
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from pdserve.engine.request import Request
@@ -34,6 +39,8 @@ from pdserve.envs import ENVS
 from pdserve.model.loader import ResolvedModel
 
 logger = logging.getLogger(__name__)
+
+PEER_IDLE_TTL_S = 600.0  # a decode peer silent this long, with nothing in flight, is released
 
 
 class PrefillEngine:
@@ -44,19 +51,26 @@ class PrefillEngine:
         self.kernel_plan = self.engine.kernel_plan
         self.link = DisaggLink(self.engine, config, "prefill", num_meta_rows=4 * config.max_running_requests + 16)
         self.engine.scheduler.kv_hold = self._start_transfer
+        self.queues = TransferQueues(self.link.transfer, ENVS.disagg_queue_size, ENVS.disagg_thread_pool_size)
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
         self.peers: dict[str, str] = {}  # decode agent name -> its control address
+        self.peer_agents: dict[str, AgentInfo] = {}  # decode agent name -> its memory layout
+        self.peer_seen: dict[str, float] = {}  # decode agent name -> last message from it
+        self.refused_peers: dict[str, str] = {}  # decode agent name -> why its registration was refused
+        self.waiting_input: dict[int, Request] = {}  # room -> destination known, KV not computed yet
+        self._next_peer_sweep = 0.0
         self.room_rid: dict[int, str] = {}  # every live PD request
         # Rooms that failed before their decode's destination arrived: told when it does (else it would wait
         # for its waiting timeout). room -> (reason, time).
         self.failed_rooms: dict[int, tuple[str, float]] = {}
-        self.bootstrap = BootstrapServer(config.host, config.bootstrap_port).start()
+        self.bootstrap = BootstrapServer(config.host, config.bootstrap_port, config.auth_token).start()
         self.server_id = f"{os.getpid()}-{self.link.agent_name}"
         register_rank(config.host, config.bootstrap_port, RankInfo(
             engine_rank=0, rank_ip=config.host, rank_port=self.link.ctrl.port, backend=config.transfer_backend,
-            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id))
+            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id),
+            config.auth_token)
 
     # ---- engine-process interface ----------------------------------------------------------------------
     @property
@@ -99,12 +113,15 @@ class PrefillEngine:
             st.aborted = reason
             return None
         self.bootstrapping.pop(st.room, None)
-        self._notify(st, TransferDone(st.room, ok=False, error=f"prefill aborted the request: {reason}"))
+        self.waiting_input.pop(st.room, None)
+        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce,
+                                      error=f"prefill aborted the request: {reason}"))
         return self._finish_room(req, reason)
 
     def step(self) -> list[RequestOutput]:
         outs = self._handle_control()
         outs += self._expire_bootstrapping()
+        outs += self._expire_waiting_input()
         for o in self.engine.step():
             req = self.transferring.get(o.rid)
             if req is not None:
@@ -124,51 +141,137 @@ class PrefillEngine:
 
     def close(self) -> None:
         self.bootstrap.stop()
+        self.queues.close()
         self.link.close()
 
     # ---- control messages ----------------------------------------------------------------------------
     def _handle_control(self) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
         for msg in self.link.ctrl.recv_all():
-            if isinstance(msg, PeerRegister):
-                self.link.transfer.add_peer(msg.agent)
-                self.peers[msg.agent.agent_name] = msg.ctrl_addr
-            elif isinstance(msg, KVDestination):
-                req = self.bootstrapping.get(msg.room)
-                failed = self.failed_rooms.pop(msg.room, None)
-                if req is None and failed is not None:
-                    addr = self.peers.get(msg.decode_agent)
-                    if addr:
-                        self.link.ctrl.send(addr, TransferDone(msg.room, ok=False, error=failed[0]))
-                elif req is None:
-                    self.destinations[msg.room] = (msg, now())
-                else:
-                    self._attach(req, msg)
-            elif isinstance(msg, AbortRoom):
-                self.destinations.pop(msg.room, None)
-                rid = self.room_rid.get(msg.room)
-                out = self.abort(rid, f"decode aborted: {msg.reason}") if rid else None
-                if out is not None:
-                    outs.append(out)
+            try:  # one message fails at most the peer or room it names, never the engine
+                outs += self._on_message(msg)
+            except Exception:  # noqa: BLE001
+                logger.exception("control message %s failed", type(msg).__name__)
+        self._release_idle_peers()
         return outs
+
+    def _on_message(self, msg: object) -> list[RequestOutput]:
+        if isinstance(msg, PeerRegister):
+            self._register_peer(msg)
+        elif isinstance(msg, KVDestination):
+            self.peer_seen[msg.decode_agent] = now()
+            req = self.bootstrapping.get(msg.room)
+            failed = self.failed_rooms.pop(msg.room, None) if req is None else None
+            refused = self.refused_peers.get(msg.decode_agent)
+            if req is not None:
+                self._attach(req, msg)  # checks the destination (and fails the room on a refused peer)
+            elif refused is not None or failed is not None:
+                self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
+                                                           error=refused or failed[0]))
+            else:
+                self.destinations[msg.room] = (msg, now())
+        elif isinstance(msg, AbortRoom):
+            dest = self.destinations.pop(msg.room, None)
+            rid = self.room_rid.get(msg.room)
+            if rid is not None:
+                out = self.abort(rid, f"decode aborted: {msg.reason}")  # tells the decode once it is safe
+                return [] if out is None else [out]
+            # Not a live request here: nothing will be written; say so, so the decode frees the destination.
+            self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
+                                                       error="room not in flight on this prefill"))
+            if dest is None:
+                self.failed_rooms[msg.room] = (f"decode aborted: {msg.reason}", now())
+        else:
+            logger.warning("unexpected %s on a prefill's control socket", type(msg).__name__)
+        return []
+
+    def _register_peer(self, msg: PeerRegister) -> None:
+        """A decode announces how to write into it: checked against this engine's layout before it is used."""
+        name, mine = msg.agent.agent_name, self.link.transfer.regions
+        theirs = msg.agent.regions
+        reason = None
+        if msg.agent.backend != self.link.transfer.name:
+            reason = (f"decode {name} uses transfer backend {msg.agent.backend!r}, this prefill "
+                      f"{self.link.transfer.name!r} (--disaggregation-transfer-backend must match)")
+        elif len(theirs) != len(mine) or any(a.item_bytes != b.item_bytes for a, b in zip(theirs, mine)):
+            reason = (f"decode {name} has a different KV layout ({len(theirs)} regions) from this prefill "
+                      f"({len(mine)}): different models or dtypes?")
+        self.peers[name] = msg.ctrl_addr
+        self.peer_seen[name] = now()
+        if reason is not None:
+            logger.warning("peer refused: %s", reason)
+            self.refused_peers[name] = reason
+            return
+        self.link.transfer.add_peer(msg.agent)
+        self.peer_agents[name] = msg.agent
+        self.refused_peers.pop(name, None)
+
+    def _release_idle_peers(self) -> None:
+        t = now()
+        if t < self._next_peer_sweep:
+            return
+        self._next_peer_sweep = t + 10.0
+        busy = {r.disagg.peer for r in self._live_requests()}
+        for name, seen in list(self.peer_seen.items()):
+            if t - seen > PEER_IDLE_TTL_S and name not in busy:
+                logger.info("releasing idle decode peer %s", name)
+                addr = self.peers.pop(name, None)
+                if addr is not None and addr not in self.peers.values():
+                    self.link.ctrl.forget(addr)
+                if self.peer_agents.pop(name, None) is not None:
+                    self.link.transfer.remove_peer(name)
+                self.peer_seen.pop(name, None)
+                self.refused_peers.pop(name, None)
+
+    def _live_requests(self) -> list[Request]:
+        reqs = (self.engine.requests.get(rid) for rid in self.room_rid.values())
+        return [r for r in reqs if r is not None and r.disagg is not None] + list(self.transferring.values())
 
     def _attach(self, req: Request, dest: KVDestination) -> None:
         st: RoomState = req.disagg
         self.bootstrapping.pop(st.room, None)
-        err = None
-        if dest.decode_agent not in self.peers:
+        err = self.refused_peers.get(dest.decode_agent)
+        agent = self.peer_agents.get(dest.decode_agent)
+        if err is None and agent is None:
             err = "decode peer is not registered with this prefill"
-        elif dest.prompt_len != len(req.prompt_ids):
+        elif err is None and dest.prompt_len != len(req.prompt_ids):
             err = f"prompt length mismatch (prefill {len(req.prompt_ids)} tokens, decode {dest.prompt_len})"
+        elif err is None and len(dest.dst_slots) != dest.prompt_len:
+            err = f"the destination has {len(dest.dst_slots)} slots for a {dest.prompt_len}-token prompt"
+        elif err is None and not self._fits(agent, dest):
+            err = "the destination lies outside the decode's registered memory"
+        st.peer, st.nonce = dest.decode_agent, dest.nonce
         if err:  # failed by this step's expiry pass
-            st.peer = dest.decode_agent
-            self._notify(st, TransferDone(st.room, ok=False, error=err))
+            self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=err))
             st.extra["fail_now"], st.deadline = err, 0.0
             self.bootstrapping[st.room] = req
             return
-        st.peer, st.dst_slots, st.meta_row = dest.decode_agent, dest.dst_slots, dest.meta_row
+        st.dst_slots, st.meta_row = dest.dst_slots, dest.meta_row
         st.state = TransferState.WAITING_FOR_INPUT
+        st.deadline = now() + ENVS.disagg_waiting_timeout_s
+        self.waiting_input[st.room] = req
         self.engine.scheduler.add(req)
+
+    def _fits(self, agent: AgentInfo, dest: KVDestination) -> bool:
+        """Every slot and the metadata row inside the regions the decode registered."""
+        kv, meta = agent.regions[0], agent.regions[self.link.meta_region]
+        return ((not dest.dst_slots or max(dest.dst_slots) < kv.nbytes // max(kv.item_bytes, 1))
+                and dest.meta_row < meta.nbytes // max(meta.item_bytes, 1))
+
+    def _expire_waiting_input(self) -> list[RequestOutput]:
+        """WAITING_FOR_INPUT past its deadline (the prefill could not compute it in time): abort it."""
+        t = now()
+        outs = []
+        for room, req in list(self.waiting_input.items()):
+            if req.disagg.state is not TransferState.WAITING_FOR_INPUT or req.finished:
+                del self.waiting_input[room]
+            elif t >= req.disagg.deadline:
+                out = self.abort(req.rid, f"the prefill did not compute room {room} within "
+                                          f"{ENVS.disagg_waiting_timeout_s:.0f} s "
+                                          "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
+                if out is not None:
+                    outs.append(out)
+        return outs
 
     def _expire_bootstrapping(self) -> list[RequestOutput]:
         outs = []
@@ -202,7 +305,7 @@ class PrefillEngine:
         if row is None:
             return self._refuse(req, "no free metadata row on the prefill")
         lp = req.pending_logprobs[0] if req.pending_logprobs else None
-        self.link.meta.write(row, MetaRow(st.room, req.output_ids[0], req.num_cached_tokens,
+        self.link.meta.write(row, MetaRow(st.room, st.nonce, req.output_ids[0], req.num_cached_tokens,
                                           lp.logprob if lp else 0.0, lp.top if lp else []))
         st.extra["local_row"] = row
         runs = kv_write_runs(self.link.transfer.regions, range(self.link.num_kv_regions), req.slots[:n], list(st.dst_slots))
@@ -210,8 +313,10 @@ class PrefillEngine:
         rb = self.link.meta.row_bytes
         runs.append(WriteRun(mr, row * rb, st.meta_row * rb, rb))
         try:
-            st.handle = self.link.transfer.write(st.peer, runs)
+            st.handle = self.queues.write(st.peer, runs)
             st.state = TransferState.TRANSFERRING
+            st.deadline = now() + ENVS.disagg_transfer_timeout_s
+            self.waiting_input.pop(st.room, None)
         except Exception as e:  # backend refused: fail the room, release normally
             logger.exception("transfer start failed")
             self.link.meta.free(row)
@@ -223,16 +328,20 @@ class PrefillEngine:
         outs = []
         for rid, req in list(self.transferring.items()):
             st: RoomState = req.disagg
-            state = self.link.transfer.poll(st.handle)
+            state = self.queues.poll(st.handle)
             if state is TransferState.TRANSFERRING:
-                continue
-            self.link.transfer.release(st.handle)
+                if now() >= st.deadline and not st.aborted:  # a hung peer: its worker abandons the write
+                    st.aborted = (f"KV transfer to the decode did not finish within "
+                                  f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
+                    self.queues.release(st.handle)
+                continue  # the KV stays ours until the worker has stopped reading it
+            self.queues.release(st.handle)
             del self.transferring[rid]
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
                 meta = None if self.link.moves_data else self.link.meta.row_view(row)
-                self._notify(st, TransferDone(st.room, ok=True, meta_bytes=meta))
+                self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta))
                 self.link.meta.free(row)
                 self.engine.scheduler.kv.release(req)
                 self.room_rid.pop(st.room, None)
@@ -240,7 +349,7 @@ class PrefillEngine:
             else:
                 self.link.meta.free(row)
                 reason = st.aborted or "KV transfer to the decode server failed"
-                self._notify(st, TransferDone(st.room, ok=False, error=reason))
+                self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
                 self.engine.scheduler.kv.release(req)
                 outs.append(self._finish_room(req, reason))
         return outs
@@ -249,13 +358,16 @@ class PrefillEngine:
         """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""
         st: RoomState = req.disagg
         st.state = TransferState.FAILED
-        self._notify(st, TransferDone(st.room, ok=False, error=reason))
+        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
         req.finish_reason, req.error = "abort", reason
         return False
 
     # ---- helpers ---------------------------------------------------------------------------------------
-    def _notify(self, st: RoomState, msg: object) -> None:
-        addr = self.peers.get(st.peer or "")
+    def _notify(self, st: RoomState, msg: TransferDone) -> None:
+        self._reply(st.peer or "", msg)
+
+    def _reply(self, decode_agent: str, msg: TransferDone) -> None:
+        addr = self.peers.get(decode_agent)
         if addr:
             self.link.ctrl.send(addr, msg)
 

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import abc
 import enum
+import logging
 from dataclasses import dataclass
+from typing import Annotated
+
+import msgspec
+
+logger = logging.getLogger(__name__)
 
 
 class TransferState(enum.Enum):
@@ -23,21 +29,20 @@ class TransferState(enum.Enum):
     SUCCESS = "success"
 
 
-@dataclass(frozen=True)
-class MemRegion:
-    ptr: int
-    nbytes: int
-    item_bytes: int  # bytes of one slot (or one metadata row)
+class MemRegion(msgspec.Struct, frozen=True):
+    ptr: Annotated[int, msgspec.Meta(ge=0)]
+    nbytes: Annotated[int, msgspec.Meta(ge=0)]
+    item_bytes: Annotated[int, msgspec.Meta(ge=0)]  # bytes of one slot (or one metadata row)
 
 
-@dataclass(frozen=True)
-class AgentInfo:
-    """What a peer needs to write into this engine's memory. Crosses the process boundary (pickled)."""
+class AgentInfo(msgspec.Struct, frozen=True):
+    """What a peer needs to write into this engine's memory. Crosses machines inside PeerRegister / EPD
+    messages (wire.py frames)."""
 
-    backend: str
-    agent_name: str
-    payload: bytes  # backend-specific: nixl agent metadata, mooncake session id, ...
-    regions: tuple[MemRegion, ...]
+    backend: Annotated[str, msgspec.Meta(max_length=32)]
+    agent_name: Annotated[str, msgspec.Meta(max_length=255)]
+    payload: Annotated[bytes, msgspec.Meta(max_length=256 * 1024)]  # nixl agent metadata, mooncake session, ...
+    regions: Annotated[tuple[MemRegion, ...], msgspec.Meta(max_length=4096)]
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,9 @@ def create_transfer_engine(backend: str, agent_name: str, host: str, regions: li
     if backend == "fake":
         from pdserve.disagg.backends.fake import FakeTransferEngine
 
+        logger.warning("transfer backend fake: no KV or embedding bytes move between servers (only metadata, "
+                       "inline), so a disaggregated request decodes from uninitialised KV. For tests only; "
+                       "serve with nixl (default) or mooncake")
         return FakeTransferEngine(agent_name, host, regions, ib_device)
     if backend == "nixl":
         from pdserve.disagg.backends.nixl import NixlTransferEngine

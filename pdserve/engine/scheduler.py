@@ -105,6 +105,18 @@ class KVManager:
             self.allocator.free(req.slots[req.num_tree_slots:])
         req.slots, req.num_tree_slots, req.cache_node = [], 0, None
 
+    def detach(self, req: Request) -> list[int]:
+        """Take the slots a request owns away from it without freeing them; free_detached() frees them later.
+        A PD decode keeps a failed request's destination this way while a prefill may still write into it."""
+        slots = req.slots[req.num_tree_slots:]
+        if self.tree is not None and req.cache_node is not None:
+            self.tree.unlock(req.cache_node)
+        req.slots, req.num_tree_slots, req.cache_node = [], 0, None
+        return slots
+
+    def free_detached(self, slots: list[int]) -> None:
+        self.allocator.free(slots)
+
     def flush(self) -> bool:
         if self.tree is None:
             return True

@@ -41,7 +41,7 @@ from pdserve.disagg.transfer import MemRegion, TransferState, WriteRun, create_t
 from pdserve.envs import ENVS
 from pdserve.epd.buffers import RangeAllocator
 from pdserve.epd.images import ImageError, decode, fetch_bytes, preprocess
-from pdserve.epd.messages import EmbedAbort, EmbedDestination, EmbedDone
+from pdserve.epd.messages import EPD_MAX_FRAME_BYTES, EPD_MESSAGES, EmbedAbort, EmbedDestination, EmbedDone
 from pdserve.epd.vlm import VLMSpec
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class EncoderCore:
         self.transfer = create_transfer_engine(eng.transfer_backend, self.agent_name, eng.host,
                                                [MemRegion(self.staging.data_ptr(), nbytes, 1)], eng.ib_device)
         self.moves_data = eng.transfer_backend != "fake"
-        self.ctrl = ControlChannel(eng.host)
+        self.ctrl = ControlChannel(eng.host, EPD_MESSAGES, eng.auth_secret, EPD_MAX_FRAME_BYTES)
         self.lock = threading.Lock()
         self.held: dict[tuple[int, int], _Held] = {}
         self.waiting: list[tuple[EmbedDestination, float]] = []  # destinations waiting for staging space

@@ -26,7 +26,7 @@ from pdserve.disagg.transfer import MemRegion, create_transfer_engine
 from pdserve.engine.request import Request
 from pdserve.envs import ENVS
 from pdserve.epd.buffers import RangeAllocator
-from pdserve.epd.messages import EmbedAbort, EmbedDestination, EmbedDone
+from pdserve.epd.messages import EPD_MAX_FRAME_BYTES, EPD_MESSAGES, EmbedAbort, EmbedDestination, EmbedDone
 from pdserve.epd.mm import MultimodalInput
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class EmbeddingReceiver:
         self.transfer = create_transfer_engine(config.transfer_backend, self.agent_name, config.host, [region],
                                                config.ib_device)
         self.info = self.transfer.local_info()
-        self.ctrl = ControlChannel(config.host)
+        self.ctrl = ControlChannel(config.host, EPD_MESSAGES, config.auth_secret, EPD_MAX_FRAME_BYTES)
         self.moves_data = config.transfer_backend != "fake"
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.pending: dict[int, _Pending] = {}  # room -> request waiting for embeddings

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.config import DISAGG_MODES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
+from pdserve.envs import ENVS
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -46,6 +47,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-transfer-backend", default=_ENGINE.transfer_backend, choices=TRANSFER_BACKENDS)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=_ENGINE.bootstrap_port)
     g.add_argument("--disaggregation-ib-device", default=_ENGINE.ib_device)
+    g.add_argument("--disaggregation-auth-token", default=ENVS.disagg_auth_token or None,
+                   help="shared secret of the deployment: signs control frames between servers and authorises "
+                        "bootstrap writes (default: PDSERVE_DISAGGREGATION_AUTH_TOKEN; required off loopback)")
 
     g = parser.add_argument_group("encode/prefill/decode (EPD) disaggregation of multimodal requests")
     g.add_argument("--encoder-disaggregated", action="store_true",
@@ -89,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bootstrap_port=args.disaggregation_bootstrap_port,
         ib_device=args.disaggregation_ib_device,
         host=args.host,
+        auth_token=args.disaggregation_auth_token,
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
 

@@ -37,8 +37,8 @@ def _get_int(d: dict, key: str, default: int | None = None) -> int | None:
         return default
     if isinstance(v, float) and v.is_integer():
         v = int(v)
-    if not _is_int(v):
-        raise BadRequestError(f"{key} must be an integer, got {v!r}", param=key)
+    if not _is_int(v) or not -(2**63) <= v < 2**63:
+        raise BadRequestError(f"{key} must be a 64-bit integer, got {v!r}", param=key)
     return v
 
 

@@ -72,7 +72,3 @@ def merge_adjacent(src: np.ndarray, dst: np.ndarray, lens: np.ndarray,
     if len(starts) == len(src):
         return src, dst, lens
     return src[starts], dst[starts], np.add.reduceat(lens, starts).astype(np.uint64)
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")

@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.disagg.backends._runs import is_loopback, merge_adjacent, run_addresses
+from pdserve.config import is_loopback
+from pdserve.disagg.backends._runs import merge_adjacent, run_addresses
 from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferEngine, TransferState, WriteRun
 from pdserve.envs import ENVS
 
