@@ -5,6 +5,7 @@ prefill server attacked through its public control port."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import httpx
@@ -17,7 +18,7 @@ from pdserve.disagg.transfer import AgentInfo, MemRegion
 from pdserve.disagg.wire import WIRE_VERSION, FrameCodec
 from pdserve.epd.messages import EPD_MESSAGES, EmbedAbort, EmbedDestination, EmbedDone
 from pdserve.sampling_params import SamplingParams
-from tests.pd_helpers import AUTH_TOKEN, pickle_bomb, send_raw_frames, start_prefill, stop_all
+from tests.pd_helpers import AUTH_TOKEN, pickle_bomb, send_raw_frames, start_decode, start_prefill, stop_all
 
 SECRET = AUTH_TOKEN.encode()
 AGENT = AgentInfo("nixl", "decode-abc", b"\x00meta\xff", (MemRegion(4096, 1 << 20, 512), MemRegion(8192, 64, 64)))
@@ -105,8 +106,12 @@ def test_seed_out_of_range_is_a_400(server):
 
 def test_a_prefill_control_port_runs_no_pickle_and_takes_no_forged_frame(tmp_path):
     prefill = start_prefill("fake")
+    decode = start_decode("fake")
     marker = str(tmp_path / "pwned")
     try:
+        # The decode's control address is in its log ("control tcp://..."); the prefill's is public below.
+        decode_addr = re.search(r"control (tcp://[0-9.]+:[0-9]+)", decode.log()).group(1)
+        send_raw_frames(decode_addr, [[pickle_bomb(marker)], [pickle_bomb(marker), b""]])
         boot = f"http://127.0.0.1:{prefill.bootstrap_port}"
         rank = httpx.get(boot + "/route", params={"engine_rank": 0}, timeout=10).json()  # reads stay open
         forged = FrameCodec(PD_MESSAGES, b"not-the-deployment-secret").encode(PD[0])
@@ -114,13 +119,17 @@ def test_a_prefill_control_port_runs_no_pickle_and_takes_no_forged_frame(tmp_pat
             [pickle_bomb(marker)], [pickle_bomb(marker), b""], forged, FrameCodec(PD_MESSAGES, None).encode(PD[4]),
             [b"\xc1" * 64, b"x"]])
         deadline = time.monotonic() + 30
-        while prefill.server.log().count("control frame dropped") < 5 and time.monotonic() < deadline:
+        while ((prefill.server.log().count("control frame dropped") < 5
+                or decode.log().count("control frame dropped") < 2) and time.monotonic() < deadline):
             time.sleep(0.2)
         log = prefill.server.log()
         assert log.count("control frame dropped") == 5, log[-3000:]
         assert "control frame dropped (signature)" in log and "control frame dropped (parts)" in log
         assert not os.path.exists(marker)
-        assert prefill.server.proc.poll() is None
+        assert decode.log().count("control frame dropped") == 2
+        for server, n in ((prefill.server, 5), (decode, 2)):  # /get_load counts them for operators
+            assert httpx.get(server.base_url + "/get_load", timeout=10).json()[0]["control_frames_dropped"] == n
+        assert prefill.server.proc.poll() is None and decode.proc.poll() is None
         assert httpx.get(prefill.server.base_url + "/health", timeout=10).status_code == 200
 
         info = msgspec.json.encode(msgspec.convert({**rank, "rank_ip": "10.66.66.66"}, RankInfo))
@@ -135,4 +144,4 @@ def test_a_prefill_control_port_runs_no_pickle_and_takes_no_forged_frame(tmp_pat
                       headers={"Authorization": f"Bearer {AUTH_TOKEN}"}, timeout=10)
         assert r.status_code == 200
     finally:
-        stop_all(prefill)
+        stop_all(prefill, decode)

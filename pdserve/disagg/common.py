@@ -49,6 +49,7 @@ class DisaggLink:
                 regions.append(MemRegion(t.data_ptr(), t.numel() * t.element_size(), t[0].numel() * t.element_size()))
         self.num_kv_regions = len(regions)
         self.item_bytes = regions[0].item_bytes
+        self.kv_dtype = str(kv.k[0].dtype).removeprefix("torch.")
         regions.append(MemRegion(self.meta.ptr, self.meta.nbytes, self.meta.row_bytes))
         self.meta_region = len(regions) - 1
         self.agent_name = f"{role}-{uuid.uuid4().hex[:12]}"

@@ -146,8 +146,10 @@ class DecodeEngine:
         r = self.engine.load()
         from dataclasses import replace
 
+        extra = {**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
+                 "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values())}
         return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
-                       num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc))
+                       num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra)
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
@@ -193,10 +195,12 @@ class DecodeEngine:
         if rank.backend != self.config.transfer_backend:
             raise ValueError(f"prefill uses transfer backend {rank.backend!r}, this decode uses "
                              f"{self.config.transfer_backend!r} (--disaggregation-transfer-backend must match)")
-        if (rank.num_regions, rank.item_bytes) != (self.link.num_kv_regions, self.link.item_bytes):
-            raise ValueError(f"prefill KV layout ({rank.num_regions} regions of {rank.item_bytes} bytes per token) "
-                             f"differs from this decode's ({self.link.num_kv_regions} of {self.link.item_bytes}): "
-                             "different models or dtypes?")
+        theirs = (rank.num_regions, rank.item_bytes, rank.kv_dtype)
+        mine = (self.link.num_kv_regions, self.link.item_bytes, self.link.kv_dtype)
+        if theirs != mine:
+            raise ValueError(f"prefill KV layout ({theirs[0]} regions of {theirs[1]} bytes per token, {theirs[2]}) "
+                             f"differs from this decode's ({mine[0]} of {mine[1]}, {mine[2]}): different models or "
+                             "dtypes?")
 
     def _drop_peer(self, peer: PrefillPeer) -> list[RequestOutput]:
         """Fail every request bound to a dead (or unreachable) prefill; forget it so a restart re-bootstraps."""

@@ -36,6 +36,7 @@ class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_regions: NonNegative
     item_bytes: NonNegative
     server_id: Annotated[str, msgspec.Meta(max_length=255)]  # changes on every start: a restart is a new peer
+    kv_dtype: Annotated[str, msgspec.Meta(max_length=32)]  # e.g. "float32"
 
 
 class PeerRegister(WireMessage, frozen=True):

@@ -69,7 +69,8 @@ class PrefillEngine:
         self.server_id = f"{os.getpid()}-{self.link.agent_name}"
         register_rank(config.host, config.bootstrap_port, RankInfo(
             engine_rank=0, rank_ip=config.host, rank_port=self.link.ctrl.port, backend=config.transfer_backend,
-            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id),
+            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id,
+            kv_dtype=self.link.kv_dtype),
             config.auth_token)
 
     # ---- engine-process interface ----------------------------------------------------------------------
@@ -134,7 +135,10 @@ class PrefillEngine:
         return outs
 
     def load(self) -> LoadReport:
-        return self.engine.load()
+        r = self.engine.load()
+        from dataclasses import replace
+
+        return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values())})
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
