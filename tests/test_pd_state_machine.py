@@ -209,3 +209,24 @@ def test_a_late_write_lands_only_in_its_quarantined_destination(model):
         pd.assert_all_free()  # A's TransferDone(ok, nonce) released the quarantine
     finally:
         pd.close()
+
+
+def test_mismatched_backends_refuse_each_other_on_the_first_request(fake_pd, model):
+    """A nixl decode against the fake prefill: its first request fails at once with the reason."""
+    pd = fake_pd
+    decode = DecodeEngine(EngineConfig(model=ModelConfig(model_path=model), max_total_tokens=NUM_SLOTS,
+                                       transfer_backend="nixl", num_threads=1, auth_token=SECRET,
+                                       disaggregation_mode="decode"))
+    try:
+        g = GenerateRequest("mismatch", tuple(range(10, 20)), GREEDY,
+                            bootstrap=BootstrapInfo("127.0.0.1", pd.bootstrap_port, 61))
+        decode.add_request(g)
+        deadline = time.monotonic() + 30
+        outs: list[RequestOutput] = []
+        while not outs and time.monotonic() < deadline:
+            outs = decode.step()
+            time.sleep(0.01)
+        assert outs and "--disaggregation-transfer-backend must match" in outs[0].error, outs
+        assert decode.engine.scheduler.kv.allocator.num_free == NUM_SLOTS
+    finally:
+        decode.close()
