@@ -147,7 +147,7 @@ def test_a_refused_peer_and_malformed_frames_fail_only_what_they_name(fake_pd):
     pd.inject(pd.prefill, [b"\x00" * 10])  # one part
     pd.inject(pd.prefill, [b"\x92\x01", b"junk"])  # bad signature
     pd.step()
-    assert pd.prefill.refused_peers["decode-wrong-model"].startswith("decode decode-wrong-model has a different")
+    assert pd.prefill.peers["decode-wrong-model"].refused.startswith("decode decode-wrong-model has a different")
     pd.submit("refused", tuple(range(30, 40)), room=31, to_decode=False)
     pd.inject(pd.prefill, KVDestination(31, "decode-wrong-model", tuple(range(10)), 0, 10, 9))
     pd.run_until(lambda: pd.done("refused", pd.prefill_outs))

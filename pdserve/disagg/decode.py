@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import lookup_rank
@@ -72,7 +72,6 @@ class PrefillPeer:
     failures: int = 0
     dead: str | None = None  # set by the heartbeat thread
     replaced_by: str | None = None  # server_id of a new prefill process on this address (heartbeat thread)
-    rooms: set[int] = field(default_factory=set)
 
 
 class DecodeEngine:
@@ -185,10 +184,7 @@ class DecodeEngine:
     def _release_replaced(self, key: str, server_id: str) -> None:
         """A new prefill process owns the address (its bootstrap port): the one that had these destinations is
         gone and writes nothing more, so they are free now rather than at the end of their TTL."""
-        for qkey, held in list(self.quarantine.items()):
-            if held.peer == key and held.server_id != server_id:
-                del self.quarantine[qkey]
-                self._release(held)
+        self._release_where(lambda held: held.peer == key and held.server_id != server_id)
 
     def _check_layout(self, rank: RankInfo) -> None:
         """The prefill must write what this decode holds: the same backend, regions and bytes per token."""
@@ -329,12 +325,9 @@ class DecodeEngine:
 
     def _expire(self) -> list[RequestOutput]:
         t = now()
-        for key, held in list(self.quarantine.items()):
-            if t >= held.until:
-                logger.warning("room %d: no word from the prefill in %.0f s; its quarantined destination is "
-                               "released", held.room, QUARANTINE_TTL_S)
-                del self.quarantine[key]
-                self._release(held)
+        for held in self._release_where(lambda held: t >= held.until):
+            logger.warning("room %d: no word from the prefill in %.0f s; its quarantined destination is released",
+                           held.room, QUARANTINE_TTL_S)
         return [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
                                 f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
                 for req in list(self.rooms.values()) if t >= req.disagg.deadline]
@@ -351,8 +344,6 @@ class DecodeEngine:
             if req in self.prealloc:
                 self.prealloc.remove(req)
             peer = self.peers.get(st.peer or "")
-            if peer is not None:
-                peer.rooms.discard(st.room)
             if sent and not prefill_done:
                 server_id = peer.rank.server_id if peer is not None and peer.rank is not None else ""
                 self.quarantine[(st.room, st.nonce)] = Quarantined(
@@ -368,6 +359,14 @@ class DecodeEngine:
     def _release(self, held: Quarantined) -> None:
         self.engine.scheduler.kv.free_detached(held.slots)
         self.link.meta.free(held.meta_row)
+
+    def _release_where(self, pred) -> list[Quarantined]:
+        """Release every quarantined destination `pred` picks; returns them."""
+        picked = [held for held in self.quarantine.values() if pred(held)]
+        for held in picked:
+            del self.quarantine[(held.room, held.nonce)]
+            self._release(held)
+        return picked
 
 
 def _bracket(host: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import BootstrapServer, register_rank
@@ -43,6 +44,16 @@ logger = logging.getLogger(__name__)
 PEER_IDLE_TTL_S = 600.0  # a decode peer silent this long, with nothing in flight, is released
 
 
+@dataclass
+class DecodePeer:
+    """A decode that sent PeerRegister."""
+
+    ctrl_addr: str
+    seen: float  # time of its latest message
+    agent: AgentInfo | None = None  # its memory, once accepted and loaded into the transfer engine
+    refused: str | None = None  # why its registration was refused
+
+
 class PrefillEngine:
 
     def __init__(self, config: EngineConfig, resolved: ResolvedModel | None = None):
@@ -55,10 +66,7 @@ class PrefillEngine:
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
-        self.peers: dict[str, str] = {}  # decode agent name -> its control address
-        self.peer_agents: dict[str, AgentInfo] = {}  # decode agent name -> its memory layout
-        self.peer_seen: dict[str, float] = {}  # decode agent name -> last message from it
-        self.refused_peers: dict[str, str] = {}  # decode agent name -> why its registration was refused
+        self.peers: dict[str, DecodePeer] = {}  # decode agent name -> what it registered
         self.waiting_input: dict[int, Request] = {}  # room -> destination known, KV not computed yet
         self._next_peer_sweep = 0.0
         self.room_rid: dict[int, str] = {}  # every live PD request
@@ -163,10 +171,12 @@ class PrefillEngine:
         if isinstance(msg, PeerRegister):
             self._register_peer(msg)
         elif isinstance(msg, KVDestination):
-            self.peer_seen[msg.decode_agent] = now()
+            peer = self.peers.get(msg.decode_agent)
+            if peer is not None:
+                peer.seen = now()
             req = self.bootstrapping.get(msg.room)
             failed = self.failed_rooms.pop(msg.room, None) if req is None else None
-            refused = self.refused_peers.get(msg.decode_agent)
+            refused = peer.refused if peer is not None else None
             if req is not None:
                 self._attach(req, msg)  # checks the destination (and fails the room on a refused peer)
             elif refused is not None or failed is not None:
@@ -200,15 +210,12 @@ class PrefillEngine:
         elif len(theirs) != len(mine) or any(a.item_bytes != b.item_bytes for a, b in zip(theirs, mine)):
             reason = (f"decode {name} has a different KV layout ({len(theirs)} regions) from this prefill "
                       f"({len(mine)}): different models or dtypes?")
-        self.peers[name] = msg.ctrl_addr
-        self.peer_seen[name] = now()
+        peer = self.peers[name] = DecodePeer(msg.ctrl_addr, now(), refused=reason)
         if reason is not None:
             logger.warning("peer refused: %s", reason)
-            self.refused_peers[name] = reason
             return
-        self.link.transfer.add_peer(msg.agent)
-        self.peer_agents[name] = msg.agent
-        self.refused_peers.pop(name, None)
+        self.link.transfer.add_peer(msg.agent)  # may raise (bad metadata): the peer stays unusable
+        peer.agent = msg.agent
 
     def _release_idle_peers(self) -> None:
         t = now()
@@ -216,16 +223,14 @@ class PrefillEngine:
             return
         self._next_peer_sweep = t + 10.0
         busy = {r.disagg.peer for r in self._live_requests()}
-        for name, seen in list(self.peer_seen.items()):
-            if t - seen > PEER_IDLE_TTL_S and name not in busy:
+        for name, peer in list(self.peers.items()):
+            if t - peer.seen > PEER_IDLE_TTL_S and name not in busy:
                 logger.info("releasing idle decode peer %s", name)
-                addr = self.peers.pop(name, None)
-                if addr is not None and addr not in self.peers.values():
-                    self.link.ctrl.forget(addr)
-                if self.peer_agents.pop(name, None) is not None:
+                del self.peers[name]
+                if all(p.ctrl_addr != peer.ctrl_addr for p in self.peers.values()):
+                    self.link.ctrl.forget(peer.ctrl_addr)
+                if peer.agent is not None:
                     self.link.transfer.remove_peer(name)
-                self.peer_seen.pop(name, None)
-                self.refused_peers.pop(name, None)
 
     def _live_requests(self) -> list[Request]:
         reqs = (self.engine.requests.get(rid) for rid in self.room_rid.values())
@@ -234,8 +239,9 @@ class PrefillEngine:
     def _attach(self, req: Request, dest: KVDestination) -> None:
         st: RoomState = req.disagg
         self.bootstrapping.pop(st.room, None)
-        err = self.refused_peers.get(dest.decode_agent)
-        agent = self.peer_agents.get(dest.decode_agent)
+        peer = self.peers.get(dest.decode_agent)
+        err = peer.refused if peer is not None else None
+        agent = peer.agent if peer is not None else None
         if err is None and agent is None:
             err = "decode peer is not registered with this prefill"
         elif err is None and dest.prompt_len != len(req.prompt_ids):
@@ -371,9 +377,9 @@ class PrefillEngine:
         self._reply(st.peer or "", msg)
 
     def _reply(self, decode_agent: str, msg: TransferDone) -> None:
-        addr = self.peers.get(decode_agent)
-        if addr:
-            self.link.ctrl.send(addr, msg)
+        peer = self.peers.get(decode_agent)
+        if peer is not None:
+            self.link.ctrl.send(peer.ctrl_addr, msg)
 
     def _finish_room(self, req: Request, reason: str) -> RequestOutput:
         st: RoomState = req.disagg
