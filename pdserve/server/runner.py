@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -47,6 +48,13 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    # The HTTP port is ours before the engine starts: the engine's own sockets (ZMQ control, bootstrap,
+    # transfer agents) bind random ports and could otherwise take it while the model loads.
+    try:
+        sock = _bind(config.host, config.port)
+    except OSError as e:
+        logger.error("cannot bind http://%s:%d: %s", config.host, config.port, e)
+        return 1
     starting = asyncio.ensure_future(EngineClient.start(config.engine, config.log_level))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -54,8 +62,13 @@ async def serve(config: ServerConfig) -> int:
         logger.info("stopped while the engine was starting")
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
+        sock.close()
         return 1
-    client = starting.result()  # a failed start raises here
+    try:
+        client = starting.result()  # a failed start raises here
+    except BaseException:
+        sock.close()
+        raise
     exit_code = 0
     try:
         app = create_app(build_state(config, client))
@@ -77,7 +90,7 @@ async def serve(config: ServerConfig) -> int:
 
         watcher = asyncio.ensure_future(watch())
         logger.info("serving on http://%s:%d", config.host, config.port)
-        await server.serve()
+        await server.serve(sockets=[sock])
         watcher.cancel()
         if not server.started:
             exit_code = 1
@@ -85,3 +98,17 @@ async def serve(config: ServerConfig) -> int:
         stopping.cancel()
         await client.shutdown()
     return exit_code
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), not yet listening (uvicorn listens on it once the engine is up)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
