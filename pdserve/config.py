@@ -49,6 +49,14 @@ class EngineConfig:
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
+    # Parallelism (docs/architecture.md "Parallel engines"). tp_size ranks, one process each, share one
+    # scheduler (rank 0) and one slot table; dp_size engine replicas sit behind one HTTP front.
+    tp_size: int = 1
+    dp_size: int = 1
+    dist_init_addr: str | None = None  # host:port of rank 0's torch.distributed store; None: a free local port
+    nnodes: int = 1
+    node_rank: int = 0
+    page_size: int = 1  # KV pool page, in tokens: the allocator, the radix cache and PD transfers work in pages
 
     def __post_init__(self) -> None:
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
@@ -77,6 +85,22 @@ class EngineConfig:
                              "generates one)")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        for name in ("tp_size", "dp_size", "nnodes", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's address, the same on every node)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"dist_init_addr must be HOST:PORT, got {self.dist_init_addr!r}")
+        if self.page_size > 1 and self.max_total_tokens is not None and self.max_total_tokens < 2 * self.page_size:
+            raise ValueError(f"max_total_tokens ({self.max_total_tokens}) must hold at least 2 pages of "
+                             f"{self.page_size} tokens")
         if any(c < 0 for c in self.engine_cpus) or len(set(self.engine_cpus)) != len(self.engine_cpus):
             raise ValueError(f"engine_cpus must be distinct core ids >= 0, got {self.engine_cpus}")
 
@@ -84,6 +108,10 @@ class EngineConfig:
     def has_control_plane(self) -> bool:
         """Whether this server talks to peer servers over control sockets (PD or EPD)."""
         return self.disaggregation_mode != "null" or self.encoder_disaggregated or bool(self.encoder_urls)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
 
     @property
     def auth_secret(self) -> bytes | None:

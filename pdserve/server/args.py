@@ -4,9 +4,12 @@ for serving; pdserve/cli.py and pdserve/launch_server.py both use it."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from pdserve.config import DISAGG_MODES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
 from pdserve.envs import ENVS
+
+logger = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -41,12 +44,30 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="pin the engine process (scheduler + model) to these cores; the HTTP front keeps the "
                         "server's own affinity (pdserve up gives a decode engine its cores to itself)")
     g.add_argument("--random-seed", type=int, default=_ENGINE.seed)
+    g.add_argument("--page-size", type=int, default=_ENGINE.page_size,
+                   help="KV cache page in tokens: allocation, prefix cache and PD transfers work in pages")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=_ENGINE.tp_size,
+                   help="tensor parallel ranks, one process each (gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=_ENGINE.dp_size,
+                   help="data parallel engine replicas behind this server")
+    g.add_argument("--enable-dp-attention", action="store_true",
+                   help="accepted for SGLang compatibility: for dense models it equals --dp-size replicas")
+    g.add_argument("--dist-init-addr", default=_ENGINE.dist_init_addr, metavar="HOST:PORT",
+                   help="rank 0's torch.distributed address (needed with --nnodes > 1)")
+    g.add_argument("--nnodes", type=int, default=_ENGINE.nnodes, help="machines the TP ranks span")
+    g.add_argument("--node-rank", type=int, default=_ENGINE.node_rank,
+                   help="this machine's index; nodes other than 0 run tensor ranks only (no HTTP)")
 
     g = parser.add_argument_group("prefill/decode disaggregation")
     g.add_argument("--disaggregation-mode", default=_ENGINE.disaggregation_mode, choices=DISAGG_MODES)
     g.add_argument("--disaggregation-transfer-backend", default=_ENGINE.transfer_backend, choices=TRANSFER_BACKENDS)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=_ENGINE.bootstrap_port)
     g.add_argument("--disaggregation-ib-device", default=_ENGINE.ib_device)
+    for flag in ("--disaggregation-decode-tp", "--disaggregation-decode-dp", "--disaggregation-prefill-pp"):
+        g.add_argument(flag, type=int, default=None,
+                       help="accepted for compatibility and ignored: the peer's layout is learned at run time")
     g.add_argument("--disaggregation-auth-token", default=ENVS.disagg_auth_token or None,
                    help="shared secret of the deployment: signs control frames between servers and authorises "
                         "bootstrap writes (default: PDSERVE_DISAGGREGATION_AUTH_TOKEN; required off loopback)")
@@ -75,6 +96,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model_path=args.model_path, dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
     )
     mode, enc_disagg = epd_mode(args)
+    for flag in ("disaggregation_decode_tp", "disaggregation_decode_dp", "disaggregation_prefill_pp"):
+        if getattr(args, flag, None) is not None:
+            logger.warning("--%s is ignored: the peer's parallel layout is learned at run time from its bootstrap "
+                           "server (as in current SGLang)", flag.replace("_", "-"))
     engine = EngineConfig(
         model=model,
         max_total_tokens=args.max_total_tokens,
@@ -94,6 +119,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ib_device=args.disaggregation_ib_device,
         host=args.host,
         auth_token=args.disaggregation_auth_token,
+        tp_size=args.tp_size,
+        dp_size=args.dp_size,
+        dist_init_addr=args.dist_init_addr,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        page_size=args.page_size,
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
 
