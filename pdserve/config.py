@@ -53,6 +53,7 @@ class EngineConfig:
     # scheduler (rank 0) and one slot table; dp_size engine replicas sit behind one HTTP front.
     tp_size: int = 1
     dp_size: int = 1
+    dp_rank: int = 0  # which replica this engine is (set per replica by the front)
     dist_init_addr: str | None = None  # host:port of rank 0's torch.distributed store; None: a free local port
     nnodes: int = 1
     node_rank: int = 0
@@ -88,6 +89,8 @@ class EngineConfig:
         for name in ("tp_size", "dp_size", "nnodes", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank must be in 0..{self.dp_size - 1}, got {self.dp_rank}")
         if self.tp_size % self.nnodes:
             raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
         if not 0 <= self.node_rank < self.nnodes:
