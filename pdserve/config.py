@@ -143,7 +143,13 @@ class ServerConfig:
     port: int = 30000
     api_key: str | None = None
     log_level: str = "info"
+    # SGLang's --enable-dp-attention. pdserve serves dense models only, where DP attention is the same as
+    # engine.dp_size replicas: stored and reported in /server_info, it changes nothing else.
+    enable_dp_attention: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.engine.engine_cpus and len(self.engine.engine_cpus) < self.engine.dp_size:
+            raise ValueError(f"--engine-cpus lists {len(self.engine.engine_cpus)} cores for {self.engine.dp_size} "
+                             "data parallel replicas: each replica needs at least one")

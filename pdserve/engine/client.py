@@ -8,6 +8,8 @@ import logging
 import multiprocessing as mp
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from pdserve.config import EngineConfig
 from pdserve.engine.engine import eos_token_ids_of, validate_request
@@ -24,7 +26,7 @@ from pdserve.engine.messages import (
     ShutdownRequest,
 )
 from pdserve.engine.process import run_engine_process
-from pdserve.model.loader import load_tokenizer, resolve_model
+from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +35,32 @@ class EngineDiedError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """The model as the front sees it: resolved once, shared by every engine replica of a server."""
+
+    resolved: ResolvedModel
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+
+
+def load_model_files(model_path: str | None) -> ModelFiles:
+    resolved = resolve_model(model_path)  # converts a GGUF once, before any engine is spawned
+    tokenizer = load_tokenizer(resolved.hf_dir)
+    return ModelFiles(resolved, tokenizer, tuple(eos_token_ids_of(resolved.hf_dir, tokenizer)))
+
+
 class EngineClient:
-    def __init__(self, config: EngineConfig, log_level: str = "info"):
+    def __init__(self, config: EngineConfig, log_level: str = "info", files: ModelFiles | None = None):
         self.config = config
-        self.resolved = resolve_model(config.model.model_path)  # converts a GGUF once, before the spawn
-        self.tokenizer = load_tokenizer(self.resolved.hf_dir)
-        self.eos_token_ids = eos_token_ids_of(self.resolved.hf_dir, self.tokenizer)
+        files = files or load_model_files(config.model.model_path)
+        self.resolved = files.resolved
+        self.tokenizer = files.tokenizer
+        self.eos_token_ids = files.eos_token_ids
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=run_engine_process, args=(config, self.resolved, child, log_level),
-                                 daemon=True, name="pdserve-engine")
+                                 daemon=True, name=_process_name(config))
         self._proc.start()
         child.close()
         self.ready: EngineReady | None = None
@@ -54,8 +72,9 @@ class EngineClient:
         self._closing = False
 
     @classmethod
-    async def start(cls, config: EngineConfig, log_level: str = "info") -> "EngineClient":
-        self = cls(config, log_level)
+    async def start(cls, config: EngineConfig, log_level: str = "info",
+                    files: ModelFiles | None = None) -> "EngineClient":
+        self = cls(config, log_level, files)
         self._loop = asyncio.get_running_loop()
         first = await self._loop.run_in_executor(None, self._recv_first)
         if isinstance(first, EngineFailed):
@@ -171,6 +190,10 @@ class EngineClient:
             await asyncio.get_running_loop().run_in_executor(None, self._proc.join, 10)
         if self._proc.is_alive():
             self._proc.kill()
+
+
+def _process_name(config: EngineConfig) -> str:
+    return "pdserve-engine" if config.dp_size == 1 else f"pdserve-engine-dp{config.dp_rank}"
 
 
 def _resolve(waiters: collections.deque, value) -> None:

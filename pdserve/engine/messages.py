@@ -22,6 +22,7 @@ class GenerateRequest:
     stream: bool = False
     bootstrap: BootstrapInfo | None = None  # set on prefill/decode servers (PD disaggregation)
     mm: Any = None  # image prompts: pdserve.epd.mm.MultimodalInput (spans + pixel values or an EPD room)
+    routed_dp_rank: int | None = None  # the data parallel replica the client asked for (--dp-size > 1)
 
 
 @dataclass(frozen=True)

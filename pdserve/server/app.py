@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from pdserve import __version__
+from pdserve.engine.dp_client import loads_per_rank, sum_loads
 from pdserve.server import protocol
 from pdserve.server.auth import APIKeyMiddleware
 from pdserve.server.errors import error_response, install_error_handlers
@@ -45,7 +46,7 @@ def create_app(state: ServerState) -> FastAPI:
     # ---- health and info -------------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
-        if not state.client.is_alive():
+        if not state.client.is_alive():  # with --dp-size: any replica
             return error_response("the engine process is not running", 503)
         return Response(status_code=200)
 
@@ -66,16 +67,16 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/get_load")
     async def get_load() -> Response:
-        load = await state.client.get_load()
-        state.metrics.update_load(load)
+        loads = await loads_per_rank(state.client)
+        state.metrics.update_load(sum_loads(loads))
         return json_response([{
-            "dp_rank": 0, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
+            "dp_rank": rank, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
             "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens, **load.extra,
-        }])
+        } for rank, load in enumerate(loads)])
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        state.metrics.update_load(await state.client.get_load())
+    async def metrics() -> Response:  # the gauges sum over data parallel replicas
+        state.metrics.update_load(sum_loads(await loads_per_rank(state.client)))
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- control ---------------------------------------------------------------------------------------

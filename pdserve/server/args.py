@@ -39,10 +39,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunked-prefill-size", type=int, default=_ENGINE.chunked_prefill_size, help="<= 0: no chunking")
     g.add_argument("--max-prefill-tokens", type=int, default=_ENGINE.max_prefill_tokens)
     g.add_argument("--disable-radix-cache", action="store_true")
-    g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads, help="torch intra-op threads")
+    g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads,
+                   help="torch intra-op threads (of each engine replica with --dp-size)")
     g.add_argument("--engine-cpus", type=_cpu_list, default=_ENGINE.engine_cpus, metavar="0,1,...",
                    help="pin the engine process (scheduler + model) to these cores; the HTTP front keeps the "
-                        "server's own affinity (pdserve up gives a decode engine its cores to itself)")
+                        "server's own affinity (pdserve up gives a decode engine its cores to itself); with "
+                        "--dp-size N the list is split evenly between the N replicas")
     g.add_argument("--random-seed", type=int, default=_ENGINE.seed)
     g.add_argument("--page-size", type=int, default=_ENGINE.page_size,
                    help="KV cache page in tokens: allocation, prefix cache and PD transfers work in pages")
@@ -51,7 +53,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=_ENGINE.tp_size,
                    help="tensor parallel ranks, one process each (gloo on CPU, NCCL on CUDA)")
     g.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=_ENGINE.dp_size,
-                   help="data parallel engine replicas behind this server")
+                   help="data parallel engine replicas (engine processes) behind this server")
     g.add_argument("--enable-dp-attention", action="store_true",
                    help="accepted for SGLang compatibility: for dense models it equals --dp-size replicas")
     g.add_argument("--dist-init-addr", default=_ENGINE.dist_init_addr, metavar="HOST:PORT",
@@ -126,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         node_rank=args.node_rank,
         page_size=args.page_size,
     )
-    return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+                        enable_dp_attention=args.enable_dp_attention)
 
 
 def epd_mode(args: argparse.Namespace) -> tuple[str, bool]:

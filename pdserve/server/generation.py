@@ -35,6 +35,7 @@ class GenInput:
     stream: bool = False
     bootstrap: BootstrapInfo | None = None
     mm: object = None  # image prompts: pdserve.epd.mm.MultimodalInput (input_ids already expanded)
+    routed_dp_rank: int | None = None  # the data parallel replica asked for; None: the client picks
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class GenResult:
 class GenerationService:
     def __init__(
         self, client, tokenizer, metrics: ServerMetrics, context_len: int, vocab_size: int,
-        eos_token_ids: Sequence[int],
+        eos_token_ids: Sequence[int], dp_size: int = 1,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
@@ -109,6 +110,7 @@ class GenerationService:
         self.context_len = context_len
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.dp_size = dp_size  # engine replicas behind the client
         self.active: set[str] = set()  # rids with an open stream in this front
 
     @staticmethod
@@ -128,6 +130,11 @@ class GenerationService:
         if bad is not None:
             raise BadRequestError(f"logit_bias names token id {bad}, outside the vocabulary [0, {self.vocab_size})",
                                   "logit_bias")
+        if inp.routed_dp_rank is not None and not 0 <= inp.routed_dp_rank < self.dp_size:
+            raise BadRequestError(
+                f"routed_dp_rank {inp.routed_dp_rank} is out of range: this server has dp_size {self.dp_size} "
+                f"(ranks 0..{self.dp_size - 1})", param="routed_dp_rank",
+            )
         room = self.context_len - n
         if room < 0 or (room == 0 and inp.sampling.max_new_tokens > 0):
             raise BadRequestError(
@@ -167,7 +174,7 @@ class GenerationService:
         req = GenerateRequest(
             rid=inp.rid, input_ids=tuple(inp.input_ids), sampling=inp.sampling, return_logprob=inp.return_logprob,
             top_logprobs_num=inp.top_logprobs_num, logprob_start_len=inp.logprob_start_len, stream=inp.stream,
-            bootstrap=inp.bootstrap, mm=inp.mm,
+            bootstrap=inp.bootstrap, mm=inp.mm, routed_dp_rank=inp.routed_dp_rank,
         )
         engine_stream = self.client.generate(req)
         prompt_tokens, cached, completion, started = len(inp.input_ids), 0, 0, False

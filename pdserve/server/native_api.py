@@ -36,6 +36,7 @@ class NativeServing:
             return_logprob=item.return_logprob, top_logprobs_num=item.top_logprobs_num,
             logprob_start_len=item.logprob_start_len, stream=stream,
             bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room), mm=mm,
+            routed_dp_rank=item.routed_dp_rank,
         )
 
     async def generate(self, req: GenerateReqInput, request: Request) -> Response:

@@ -89,7 +89,7 @@ class OpenAIServing:
                     rid=base if total == 1 else f"{base}-{index}", input_ids=ids,
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
-                    bootstrap=common.bootstrap, mm=mm,
+                    bootstrap=common.bootstrap, mm=mm, routed_dp_rank=common.routed_dp_rank,
                 )))
         return choices
 

@@ -84,6 +84,7 @@ def _require_object(body: object) -> dict:
 _NATIVE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
     "return_text_in_logprobs", "stream", "bootstrap_host", "bootstrap_port", "bootstrap_room", "image_data",
+    *("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank"),
 })
 IMAGE_SENTINEL = "\ufffcimage\ufffc"  # an image part inside a flattened chat message (pdserve/epd/front.py)
 
@@ -103,6 +104,7 @@ class GenerateItem:
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     image_data: tuple[str, ...] = ()  # images (URL, file path, data URI / base64), in placeholder order
+    routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,9 @@ def parse_generate(body: object) -> GenerateReqInput:
     hosts = _per_item(body, "bootstrap_host", n, is_batch, lambda d, k: _get_str(d, k))
     ports = _per_item(body, "bootstrap_port", n, is_batch, _int_entry(None))
     rooms = _per_item(body, "bootstrap_room", n, is_batch, _int_entry(None))
+    routed = _per_item(body, "routed_dp_rank", n, is_batch, _int_entry(None))
+    native_dp = _per_item(body, "data_parallel_rank", n, is_batch, _int_entry(None))
+    dp_ranks = [routed_dp_rank(r, d) for r, d in zip(routed, native_dp)]
     images = _image_data(body.get("image_data"))
     if images and is_batch:
         raise BadRequestError("image_data is supported with a single prompt only", param="image_data")
@@ -192,7 +197,7 @@ def parse_generate(body: object) -> GenerateReqInput:
         GenerateItem(
             text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
             logprob_start_len=start_len[i], top_logprobs_num=top_num[i], bootstrap_host=hosts[i],
-            bootstrap_port=ports[i], bootstrap_room=rooms[i], image_data=images,
+            bootstrap_port=ports[i], bootstrap_room=rooms[i], image_data=images, routed_dp_rank=dp_ranks[i],
         )
         for i in range(n)
     ]
@@ -241,6 +246,7 @@ class OpenAICommon:
     rid: str | None
     bootstrap: BootstrapInfo | None = None  # injected by a PD router
     epd: object = None  # injected by an EPD balancer: where the image embeddings wait (pdserve/epd/front.py)
+    routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
 
 
 def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
@@ -271,8 +277,9 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
                                _get_int(body, "bootstrap_room"))
     if bootstrap is not None and n > 1:
         raise BadRequestError("n > 1 is not supported with bootstrap_room (PD disaggregation)", param="n")
+    dp_rank = routed_dp_rank(_get_int(body, "routed_dp_rank"), _get_int(body, "data_parallel_rank"))
     return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap,
-                        body.get("epd"))
+                        body.get("epd"), routed_dp_rank=dp_rank)
 
 
 def bootstrap_info(host: str | None, port: int | None, room: int | None) -> BootstrapInfo | None:
@@ -284,6 +291,19 @@ def bootstrap_info(host: str | None, port: int | None, room: int | None) -> Boot
     if port is not None and not 0 < port < 65536:
         raise BadRequestError(f"bootstrap_port must be in 1..65535, got {port}", param="bootstrap_port")
     return BootstrapInfo(host, port, room)
+
+
+def routed_dp_rank(routed: int | None, data_parallel_rank: int | None) -> int | None:
+    """The data parallel rank a request names: `routed_dp_rank` (SMG injects it) or SGLang's native
+    `data_parallel_rank` (both: they must agree). Whether the server has that rank is checked at dispatch.
+    SMG's `disagg_prefill_dp_rank` (the prefill's rank, for a decode) is accepted and ignored."""
+    for key, v in (("routed_dp_rank", routed), ("data_parallel_rank", data_parallel_rank)):
+        if v is not None and v < 0:
+            raise BadRequestError(f"{key} must be >= 0, got {v}", param=key)
+    if routed is not None and data_parallel_rank is not None and routed != data_parallel_rank:
+        raise BadRequestError(f"routed_dp_rank ({routed}) and data_parallel_rank ({data_parallel_rank}) disagree",
+                              param="routed_dp_rank")
+    return routed if routed is not None else data_parallel_rank
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ async def serve(config: ServerConfig) -> int:
         from pdserve.epd.encode_server import serve_encoder
 
         return await serve_encoder(config)
-    from pdserve.engine.client import EngineClient
+    from pdserve.engine.dp_client import start_engine_client
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -55,7 +55,7 @@ async def serve(config: ServerConfig) -> int:
     except OSError as e:
         logger.error("cannot bind http://%s:%d: %s", config.host, config.port, e)
         return 1
-    starting = asyncio.ensure_future(EngineClient.start(config.engine, config.log_level))
+    starting = asyncio.ensure_future(start_engine_client(config.engine, config.log_level))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():

@@ -19,6 +19,7 @@ from pdserve.server.tokenization import PromptEncoder
 
 if TYPE_CHECKING:
     from pdserve.engine.client import EngineClient
+    from pdserve.engine.dp_client import DataParallelClient
 
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 
@@ -26,7 +27,7 @@ HEALTH_GENERATE_TIMEOUT_S = 60.0
 @dataclass
 class ServerState:
     config: ServerConfig
-    client: "EngineClient"
+    client: "EngineClient | DataParallelClient"  # the latter with --dp-size > 1
     served_model_name: str
     model_path: str
     metrics: ServerMetrics
@@ -36,14 +37,14 @@ class ServerState:
     openai: OpenAIServing
 
 
-def build_state(config: ServerConfig, client: "EngineClient") -> ServerState:
+def build_state(config: ServerConfig, client: "EngineClient | DataParallelClient") -> ServerState:
     model_path = os.path.abspath(client.resolved.source_path)
     served = config.engine.model.served_model_name or config.engine.model.model_path or model_path
     metrics = ServerMetrics(served)
     mm = MultimodalFront(client.resolved.hf_dir, config.engine, config.api_key)
     encoder = PromptEncoder(client.tokenizer, client.resolved.hf_dir, mm.image_token)
     gen = GenerationService(client, client.tokenizer, metrics, client.ready.context_len, encoder.vocab_size,
-                            client.eos_token_ids)
+                            client.eos_token_ids, dp_size=config.engine.dp_size)
     return ServerState(
         config=config, client=client, served_model_name=served, model_path=model_path, metrics=metrics,
         encoder=encoder, gen=gen, native=NativeServing(gen, encoder, mm),
@@ -63,10 +64,12 @@ def server_info(state: ServerState) -> dict[str, object]:
         "port": cfg.port,
         "dtype": eng.model.dtype,
         "device": eng.model.device,
-        "tp_size": 1,
-        "dp_size": 1,
+        "tp_size": eng.tp_size,
+        "dp_size": eng.dp_size,
+        "enable_dp_attention": cfg.enable_dp_attention,
+        "page_size": eng.page_size,
         "max_running_requests": eng.max_running_requests,
-        "max_total_tokens": state.client.ready.max_total_tokens,
+        "max_total_tokens": state.client.ready.max_total_tokens,  # of one replica
         "context_length": state.client.ready.context_len,
         "chunked_prefill_size": eng.chunked_prefill_size,
         "max_prefill_tokens": eng.max_prefill_tokens,
@@ -103,7 +106,7 @@ def model_info(state: ServerState) -> dict[str, object]:
 
 
 async def health_generate(state: ServerState) -> str | None:
-    """Run one real token through the engine; None when healthy, else why not."""
+    """Run one real token through the engine (each replica with --dp-size); None when healthy, else why not."""
     if not state.client.is_alive():
         return "the engine process is not running"
     if state.config.engine.disaggregation_mode in ("prefill", "decode"):
@@ -113,19 +116,25 @@ async def health_generate(state: ServerState) -> str | None:
         except Exception as e:  # noqa: BLE001 - any failure means unhealthy
             return f"engine did not answer: {e}"
         return None
-    inp = GenInput(
-        rid=f"HEALTH_CHECK_{state.gen.new_rid()}", input_ids=state.encoder.encode_text("Hello") or [0],
-        sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
-    )
+    dp_size = state.config.engine.dp_size
+    base_rid, ids = f"HEALTH_CHECK_{state.gen.new_rid()}", state.encoder.encode_text("Hello") or [0]
+    inputs = [
+        GenInput(rid=base_rid if dp_size == 1 else f"{base_rid}-{rank}", input_ids=ids,
+                 sampling=SamplingParams(max_new_tokens=1, temperature=0.0),
+                 routed_dp_rank=None if dp_size == 1 else rank)
+        for rank in range(dp_size)
+    ]
 
-    async def one_token() -> GenResult:
-        (stream,) = await state.gen.open([inp])
-        return await collect(stream, inp.rid)
+    async def one_token_each() -> list[GenResult]:
+        streams = await state.gen.open(inputs)
+        return await asyncio.gather(*(collect(s, inp.rid) for s, inp in zip(streams, inputs)))
 
     try:
-        result = await asyncio.wait_for(one_token(), HEALTH_GENERATE_TIMEOUT_S)
+        results = await asyncio.wait_for(one_token_each(), HEALTH_GENERATE_TIMEOUT_S)
     except asyncio.TimeoutError:
         return f"no token within {HEALTH_GENERATE_TIMEOUT_S:.0f} s"
     except Exception as e:  # any failure means unhealthy, and says why
         return f"{type(e).__name__}: {e}"
-    return result.error
+    errors = [r.error if dp_size == 1 else f"dp rank {rank}: {r.error}"
+              for rank, r in enumerate(results) if r.error is not None]
+    return "; ".join(errors) or None
