@@ -256,7 +256,8 @@ class DecodeEngine:
                 if row is not None:
                     self.link.meta.free(row)
                 break
-            st.dst_slots, st.meta_row, st.nonce = tuple(req.slots), row, secrets.randbits(63) | 1
+            # The request holds whole pages; the destination is the first n slots of them (the prompt's).
+            st.dst_slots, st.meta_row, st.nonce = tuple(req.slots[:n]), row, secrets.randbits(63) | 1
             st.state = TransferState.TRANSFERRING
             self.prealloc.remove(req)
             self.transferring[st.room] = req

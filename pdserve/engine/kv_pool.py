@@ -1,4 +1,4 @@
-"""Token-slot allocator for the KV pool. Plain Python; the tensors live in the model runner."""
+"""Token-slot and page allocators for the KV pool. Plain Python; the tensors live in the model runner."""
 
 from __future__ import annotations
 
@@ -93,3 +93,60 @@ class KVSlotAllocator:
         else:
             starts.insert(i, a)
             ends.insert(i, b)
+
+
+class PagedKVAllocator:
+    """Token slots handed out in whole pages of page_size slots: page p holds slots [p*P, (p+1)*P).
+
+    Page 0 (it holds slot 0, the decode padding) is reserved; pages 1..num_pages come from a KVSlotAllocator
+    over page ids. Counts (size, num_free) are in tokens. With page_size 1 this is the plain slot allocator.
+    """
+
+    def __init__(self, num_tokens: int, page_size: int = 1):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.num_pages = num_tokens // page_size
+        self.size = self.num_pages * page_size  # in tokens
+        self.pages = KVSlotAllocator(self.num_pages)
+
+    @property
+    def num_free(self) -> int:
+        return self.pages.num_free * self.page_size
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.pages.num_free
+
+    def free_runs(self) -> list[tuple[int, int]]:
+        """The free slot runs [start, end), lowest first (a fully free pool: [(P, size + P)])."""
+        p = self.page_size
+        return [(s * p, e * p) for s, e in self.pages.free_runs()]
+
+    def alloc(self, num_tokens: int) -> list[int] | None:
+        """Slots of ceil(num_tokens / P) whole pages, in page order; None when too few pages are free."""
+        p = self.page_size
+        if p == 1:
+            return self.pages.alloc(num_tokens)
+        pages = self.pages.alloc(-(-num_tokens // p))
+        if pages is None:
+            return None
+        return [s for page in pages for s in range(page * p, page * p + p)]
+
+    def free(self, slots: list[int]) -> None:
+        """Return whole pages' slots; all or nothing: a partial page, or a page out of range or already free,
+        raises ValueError first."""
+        p = self.page_size
+        if p == 1:
+            self.pages.free(slots)
+            return
+        if len(slots) % p:
+            raise ValueError(f"{len(slots)} KV slots freed: not whole pages of {p}")
+        ordered = sorted(slots)
+        pages = []
+        for i in range(0, len(ordered), p):
+            first = ordered[i]
+            if first % p or ordered[i : i + p] != list(range(first, first + p)):
+                raise ValueError(f"KV slots {ordered[i : i + p]} freed: not one whole page of {p}")
+            pages.append(first // p)
+        self.pages.free(pages)

@@ -1,7 +1,9 @@
-"""Radix-tree prefix cache over KV slots (SGLang-style, token granular).
+"""Radix-tree prefix cache over KV slots (SGLang-style, token or page granular).
 
 Each edge holds a run of token ids and the pool slots holding their KV. Requests lock the path they use;
-unlocked leaves are evicted least recently used first. Plain Python, no tensors.
+unlocked leaves are evicted least recently used first. With page_size P > 1 the tree works in whole pages:
+only page-aligned prefixes are inserted and matched, edges split at page boundaries and children are keyed by
+their first page's token ids, so every node owns whole pages. Plain Python, no tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class RadixNode:
     def __init__(self, key: tuple[int, ...] = (), slots: list[int] | None = None, parent: "RadixNode | None" = None):
         self.key = key
         self.slots = slots or []
-        self.children: dict[int, RadixNode] = {}
+        self.children: dict[int | tuple[int, ...], RadixNode] = {}  # by first token (P == 1) or first page
         self.parent = parent
         self.lock_ref = 0
         self.last_access = time.monotonic()
@@ -36,22 +38,24 @@ def _common_len(a: tuple[int, ...], b: list[int] | tuple[int, ...], start: int) 
 
 
 class RadixCache:
-    def __init__(self, free_slots: Callable[[list[int]], None]):
+    def __init__(self, free_slots: Callable[[list[int]], None], page_size: int = 1):
         self._free_slots = free_slots
+        self.page_size = page_size
         self.root = RadixNode()
         self.root.lock_ref = 1
         self.num_cached_tokens = 0  # slots owned by the tree
         self.num_locked_tokens = 0  # of those, slots on a path some request holds
 
     def match_prefix(self, tokens: list[int] | tuple[int, ...]) -> tuple[list[int], RadixNode]:
-        """Longest cached prefix of tokens: (its slots, the deepest node covering it)."""
+        """Longest cached prefix of tokens, in whole pages: (its slots, the deepest node covering it)."""
         node, pos, slots = self.root, 0, []
         now = time.monotonic()
+        tokens = self._page_aligned(tokens)
         while pos < len(tokens):
-            child = node.children.get(tokens[pos])
+            child = node.children.get(self._child_key(tokens, pos))
             if child is None:
                 break
-            n = _common_len(child.key, tokens, pos)
+            n = self._common_pages_len(child.key, tokens, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -60,30 +64,46 @@ class RadixCache:
             node = child
         return slots, node
 
+    def _child_key(self, tokens: list[int] | tuple[int, ...], pos: int) -> int | tuple[int, ...]:
+        """The children key of an edge starting at tokens[pos]: its first token, or its first page."""
+        return tokens[pos] if self.page_size == 1 else tuple(tokens[pos : pos + self.page_size])
+
+    def _page_aligned(self, tokens: list[int] | tuple[int, ...]) -> list[int] | tuple[int, ...]:
+        p = self.page_size
+        return tokens if p == 1 else tokens[: len(tokens) // p * p]
+
+    def _common_pages_len(self, a: tuple[int, ...], b: list[int] | tuple[int, ...], start: int) -> int:
+        """Common prefix length of a and b[start:], rounded down to whole pages."""
+        n = _common_len(a, b, start)
+        return n if self.page_size == 1 else n // self.page_size * self.page_size
+
     def _split(self, node: RadixNode, n: int) -> RadixNode:
-        """Split node's edge after n tokens; returns the new upper node."""
+        """Split node's edge after n tokens (whole pages); returns the new upper node."""
         upper = RadixNode(node.key[:n], node.slots[:n], node.parent)
         upper.lock_ref = node.lock_ref
         upper.last_access = node.last_access
         assert node.parent is not None
-        node.parent.children[node.key[0]] = upper
+        node.parent.children[self._child_key(node.key, 0)] = upper
         node.key, node.slots, node.parent = node.key[n:], node.slots[n:], upper
-        upper.children[node.key[0]] = node
+        upper.children[self._child_key(node.key, 0)] = node
         return upper
 
     def insert(self, tokens: list[int], slots: list[int]) -> int:
-        """Cache tokens -> slots. Returns how many leading tokens were already cached (their slots in
-        `slots` are duplicates the caller still owns and must free)."""
+        """Cache the page-aligned prefix of tokens -> slots. Returns how many leading tokens were already
+        cached (their slots in `slots` are duplicates the caller still owns and must free); the slots past the
+        aligned prefix stay the caller's too."""
         node, pos = self.root, 0
         now = time.monotonic()
+        tokens = self._page_aligned(tokens)
         while pos < len(tokens):
-            child = node.children.get(tokens[pos])
+            key = self._child_key(tokens, pos)
+            child = node.children.get(key)
             if child is None:
-                new = RadixNode(tuple(tokens[pos:]), list(slots[pos:]), node)
-                node.children[tokens[pos]] = new
+                new = RadixNode(tuple(tokens[pos:]), list(slots[pos : len(tokens)]), node)
+                node.children[key] = new
                 self.num_cached_tokens += len(new.slots)
                 return pos
-            n = _common_len(child.key, tokens, pos)
+            n = self._common_pages_len(child.key, tokens, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access = now
@@ -122,7 +142,7 @@ class RadixCache:
             self.num_cached_tokens -= len(leaf.slots)
             parent = leaf.parent
             assert parent is not None
-            del parent.children[leaf.key[0]]
+            del parent.children[self._child_key(leaf.key, 0)]
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, (parent.last_access, parent.id, parent))
         return freed

@@ -2,7 +2,8 @@
 
 schedule() picks, under a token budget, the running decodes (one token each) and prefill chunks for this
 step and gives each the KV slots it will write; update() applies the sampled tokens and retires requests.
-Memory: slots come from KVSlotAllocator; the radix cache lends prefixes and is evicted LRU when short. A
+Memory: slots come from PagedKVAllocator (whole pages of config.page_size slots; a request's slots are always
+whole pages); the radix cache lends prefixes (whole pages) and is evicted LRU when short. A
 decode that cannot grow preempts the newest running request (its KV is cached, it re-queues at the front).
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pdserve.config import EngineConfig
-from pdserve.engine.kv_pool import KVSlotAllocator
+from pdserve.engine.kv_pool import PagedKVAllocator
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Request, RequestStatus
@@ -54,11 +55,13 @@ class SampledToken:
 
 
 class KVManager:
-    """Slots for requests: prefix-cache lookup, allocation with eviction, release into the cache."""
+    """Slots for requests: prefix-cache lookup, allocation with eviction, release into the cache.
+    Counts are in tokens; a request's slots (req.slots) always cover whole pages of page_size slots."""
 
-    def __init__(self, num_slots: int, enable_radix: bool):
-        self.allocator = KVSlotAllocator(num_slots)
-        self.tree = RadixCache(self.allocator.free) if enable_radix else None
+    def __init__(self, num_slots: int, enable_radix: bool, page_size: int = 1):
+        self.page_size = page_size
+        self.allocator = PagedKVAllocator(num_slots, page_size)
+        self.tree = RadixCache(self.allocator.free, page_size) if enable_radix else None
 
     @property
     def num_available(self) -> int:
@@ -81,10 +84,11 @@ class KVManager:
         req.num_computed_tokens = len(slots)
 
     def grow(self, req: Request, n: int) -> bool:
-        """Give req slots for its next n tokens, evicting cached prefixes if needed."""
+        """Give req slots (whole pages) for its next n tokens, evicting cached prefixes if needed."""
         need = req.num_computed_tokens + n - len(req.slots)
         if need <= 0:
             return True
+        need = -(-need // self.page_size) * self.page_size
         if self.allocator.num_free < need and self.tree is not None:
             self.tree.evict(need - self.allocator.num_free)
         got = self.allocator.alloc(need)
@@ -94,8 +98,9 @@ class KVManager:
         return True
 
     def release(self, req: Request) -> None:
-        """Return a request's slots: computed KV goes into the prefix cache, the rest to the free list."""
-        n = req.num_computed_tokens
+        """Return a request's slots: computed KV in whole pages goes into the prefix cache, the rest (a
+        partly computed last page included) to the free list."""
+        n = req.num_computed_tokens // self.page_size * self.page_size
         if self.tree is not None and req.cache_node is not None:
             already = self.tree.insert(req.all_ids[:n], req.slots[:n])
             self.allocator.free(req.slots[req.num_tree_slots:already])
@@ -127,7 +132,7 @@ class KVManager:
 class Scheduler:
     def __init__(self, config: EngineConfig, num_slots: int, stop_checker: StopChecker):
         self.config = config
-        self.kv = KVManager(num_slots, enable_radix=not config.disable_radix_cache)
+        self.kv = KVManager(num_slots, enable_radix=not config.disable_radix_cache, page_size=config.page_size)
         self.stop = stop_checker
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
