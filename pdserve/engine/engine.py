@@ -11,10 +11,12 @@ from collections.abc import Iterable
 
 from pdserve.config import EngineConfig
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
+from pdserve.engine.forward_batch import build_forward_batch
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.request import Request
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.stop_checker import StopChecker
+from pdserve.engine.tp_worker import TensorRanksFailed
 from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
 from pdserve.sampling_params import SamplingParams
 
@@ -69,6 +71,11 @@ class Engine:
         self.resolved = resolved or resolve_model(config.model.model_path)
         self.tokenizer = load_tokenizer(self.resolved.hf_dir)
         self.eos_token_ids = eos_token_ids_of(self.resolved.hf_dir, self.tokenizer)
+        if config.tp_size > 1 and self.resolved is not None:
+            from pdserve.epd.vlm import VLMSpec
+
+            if VLMSpec.from_dir(self.resolved.hf_dir) is not None:
+                raise ValueError("--tp-size > 1 serves text models only (the vision tower is not sharded)")
         self.runner = ModelRunner(config, self.resolved.hf_dir, self.eos_token_ids)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.num_slots
@@ -155,7 +162,12 @@ class Engine:
             return failed
         self.last_forward = sched
         try:
-            results = self.runner.run(sched)
+            batch, scoring, overrides = build_forward_batch(sched)
+            results = self.runner.run(batch, scoring, overrides)
+        except TensorRanksFailed as e:  # the TP group is gone: nothing can run here any more
+            logger.error("%s: failing every request and stopping the engine", e)
+            self._fail_all(f"engine error: {e}")
+            raise
         except Exception as e:  # fail this batch's requests, keep the engine alive
             logger.exception("forward failed")
             outs = failed
@@ -171,6 +183,24 @@ class Engine:
             if req.finished:
                 self.requests.pop(req.rid, None)
         return outs
+
+    def idle(self) -> None:
+        """Called by the engine loop when there is nothing to run (TP: keeps the other ranks' deadline)."""
+        try:
+            self.runner.keepalive()
+        except TensorRanksFailed as e:
+            logger.error("%s: stopping the engine", e)
+            raise
+
+    def _fail_all(self, reason: str) -> None:
+        """End every request this engine holds with reason (its outputs are lost with the engine; the front
+        reports the engine's death on every open stream)."""
+        for req in list(self.requests.values()):
+            self.scheduler.finish(req, "abort", error=reason)
+        self.requests.clear()
+
+    def close(self) -> None:
+        self.runner.close()
 
     def make_output(self, req: Request) -> RequestOutput:
         new_ids = req.output_ids[req.num_sent_tokens :]

@@ -9,9 +9,12 @@ import torch
 
 from pdserve.config import EngineConfig
 from pdserve.engine.messages import TokenLogprob
-from pdserve.engine.sampler import Sampler, SampleRow, token_logprob
-from pdserve.engine.scheduler import SampledToken, ScheduledSeq, SchedulerOutput
+from pdserve.engine.sampler import Sampler, token_logprob
+from pdserve.engine.forward_batch import ForwardBatch, InputLogprobSpec, SeqScoring
+from pdserve.engine.scheduler import SampledToken
+from pdserve.engine.tp_worker import RunForward, TensorRanks
 from pdserve.model.llama import AttnMetadata, KVCache, LlamaForCausalLM, PrefillSegment
+from pdserve.model.parallel import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +29,25 @@ def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_dir: str, eos_token_ids: tuple[int, ...]):
+    """Rank 0 of the engine (tp_group None): starts the other tensor-parallel ranks when tp_size > 1 and leads
+    them; a TP rank > 0 (pdserve/engine/tp_worker.py) builds one with its group and rank 0's pool size."""
+
+    def __init__(self, config: EngineConfig, hf_dir: str, eos_token_ids: tuple[int, ...],
+                 tp_group: TPGroup | None = None, num_slots: int | None = None):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device, self.dtype = pick_device_dtype(config.model.device, config.model.dtype)
-        self.model = LlamaForCausalLM(hf_dir, self.dtype, self.device)
-        self.num_slots = self._num_slots(config)
-        # +1: slot 0 is padding for decode tables and never allocated.
-        self.kv = KVCache(self.model.arch, self.num_slots + 1, self.dtype, self.device)
+        self.tp_link: TensorRanks | None = None
+        if tp_group is None and config.tp_size > 1:
+            self.tp_link = TensorRanks.start(config, hf_dir, self.device)
+            tp_group = self.tp_link.group
+        self.tp_group = tp_group
+        self.model = LlamaForCausalLM(hf_dir, self.dtype, self.device, tp_group)
+        self.num_slots = num_slots if num_slots is not None else self._num_slots(config)
+        if self.tp_link is not None:
+            self.tp_link.ready(self.num_slots)  # the other ranks size their pools the same
+        # + one page: page 0 holds slot 0, the padding of decode tables, and is never allocated.
+        self.kv = KVCache(self.model.arch, self.num_slots + config.page_size, self.dtype, self.device)
         self.sampler = Sampler(eos_token_ids, config.seed)
         logger.info("KV pool: %d tokens, %.1f MB", self.num_slots, self.kv.bytes_per_token() * self.num_slots / 1e6)
 
@@ -42,86 +56,76 @@ class ModelRunner:
         return self.model.arch.max_position_embeddings
 
     def _num_slots(self, config: EngineConfig) -> int:
+        """KV pool size in tokens, rounded down to whole pages (not counting the reserved page 0)."""
+        page = config.page_size
         if config.max_total_tokens:
-            return config.max_total_tokens
-        if self.device.type == "cuda" and config.mem_fraction_static > 0:
+            num_tokens = config.max_total_tokens
+        elif self.device.type == "cuda" and config.mem_fraction_static > 0:
             free, _ = torch.cuda.mem_get_info(self.device)
             a = self.model.arch
             per_tok = 2 * a.num_layers * a.num_kv_heads * a.head_dim * torch.finfo(self.dtype).bits // 8
-            return int(free * config.mem_fraction_static) // per_tok
-        return DEFAULT_CPU_KV_TOKENS
+            num_tokens = int(free * config.mem_fraction_static) // per_tok
+        else:
+            num_tokens = DEFAULT_CPU_KV_TOKENS
+        return num_tokens // page * page
 
     # ---- one step -----------------------------------------------------------------------------------
-    def run(self, sched: SchedulerOutput) -> list[SampledToken | None]:
-        seqs = sched.seqs
-        input_ids: list[int] = []
-        positions: list[int] = []
-        out_slots: list[int] = []
-        segments: list[PrefillSegment] = []
-        logit_rows: list[int] = []
-        row_of: list[tuple[int, int] | None] = []  # per seq: (first logits row, count) or None
-        over_rows: list[torch.Tensor] = []  # image embedding overrides: flat batch rows [K_i]
-        over_vals: list[torch.Tensor] = []  # and their embeddings [K_i, H]
+    def run(self, batch: ForwardBatch, scoring: list[SeqScoring],
+            overrides: list[tuple[int, object]] | None = None) -> list[SampledToken | None]:
+        """Rank 0: the forward (every TP rank runs it too), then sampling and prompt scoring."""
+        if self.tp_link is not None:
+            self.tp_link.send(RunForward(batch))
+        return self._sample(scoring, self.forward(batch, overrides))
+
+    def forward(self, batch: ForwardBatch, overrides: list[tuple[int, object]] | None = None) -> torch.Tensor | None:
+        """Logits [len(batch.logit_rows), V] (None on TP ranks other than 0)."""
         dev = self.device
-        for i, seq in enumerate(seqs):
-            req, c, n = seq.req, seq.req.num_computed_tokens, seq.num_new_tokens
-            start = len(input_ids)
-            input_ids.extend(req.all_ids[c : c + n])
-            positions.extend(range(c, c + n))
-            out_slots.extend(req.slots[c : c + n])
-            if i < len(sched.prefills):
-                kv_slots = torch.tensor(req.slots[: c + n], dtype=torch.long, device=dev)
-                segments.append(PrefillSegment(start, n, kv_slots, c))
-                if req.mm is not None and c < len(req.prompt_ids):
-                    hit = req.mm.rows_for(c, n)  # ([K] offsets from c, [K, H])
-                    if hit is not None:
-                        over_rows.append(hit[0] + start)
-                        over_vals.append(hit[1])
-            rows = self._rows_to_score(seq, start)
-            row_of.append((len(logit_rows), len(rows)) if rows else None)
-            logit_rows.extend(rows)
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
         table = lens = None
-        if sched.decodes:
-            ctx = [seq.req.slots[: seq.req.num_computed_tokens + 1] for seq in sched.decodes]
-            width = max(len(c) for c in ctx)
-            table = torch.tensor([c + [0] * (width - len(c)) for c in ctx], dtype=torch.long, device=dev)  # [B, S]
-            lens = torch.tensor([len(c) for c in ctx], dtype=torch.long, device=dev)  # [B]
+        if batch.decode_contexts:
+            width = max(len(c) for c in batch.decode_contexts)
+            table = longs([c + [0] * (width - len(c)) for c in batch.decode_contexts])  # [B, S], slot 0 pads
+            lens = longs([len(c) for c in batch.decode_contexts])  # [B]
         meta = AttnMetadata(
-            out_slots=torch.tensor(out_slots, dtype=torch.long, device=dev),
-            prefills=segments,
-            decode_start=len(input_ids) - len(sched.decodes),
+            out_slots=longs(batch.out_slots),
+            prefills=[PrefillSegment(s.q_start, s.q_len, longs(s.kv_slots), s.prefix_len) for s in batch.prefills],
+            decode_start=batch.num_tokens - len(batch.decode_contexts),
             decode_slot_table=table,
             decode_lens=lens,
         )
-        logits = self.model.forward(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            meta,
-            self.kv,
-            torch.tensor(logit_rows, dtype=torch.long, device=dev),
-            (torch.cat(over_rows).to(dev), torch.cat(over_vals)) if over_rows else None,
-        )  # [num_rows, V]
-        return self._sample(seqs, row_of, logits)
+        override = None
+        if overrides:  # image embeddings replace placeholder rows: ([K] flat rows, [K, H])
+            override = (torch.cat([hit[0] + start for start, hit in overrides]).to(dev),
+                        torch.cat([hit[1] for _, hit in overrides]))
+        return self.model.forward(longs(batch.input_ids), longs(batch.positions), meta, self.kv,
+                                  longs(batch.logit_rows), override)  # [num_rows, V]
 
-    def _rows_to_score(self, seq: ScheduledSeq, start: int) -> list[int]:
-        """Batch rows whose logits are needed: every row when the prompt is scored, else the last one."""
-        if seq.req.wants_input_logprobs:
-            return list(range(start, start + seq.num_new_tokens))
-        return [start + seq.num_new_tokens - 1] if seq.samples else []
+    def keepalive(self) -> None:
+        """Idle rank 0: tell the other ranks it is alive (their wait for the next command has a deadline)."""
+        if self.tp_link is not None:
+            self.tp_link.keepalive()
 
-    def _sample(self, seqs: list[ScheduledSeq], row_of, logits: torch.Tensor) -> list[SampledToken | None]:
-        results: list[SampledToken | None] = [None] * len(seqs)
+    def close(self) -> None:
+        if self.tp_link is not None:
+            self.tp_link.close()
+            self.tp_link = None
+
+    def _sample(self, scoring: list[SeqScoring], logits: torch.Tensor) -> list[SampledToken | None]:
+        results: list[SampledToken | None] = [None] * len(scoring)
         sample_idx, rows = [], []
-        for i, seq in enumerate(seqs):
-            if row_of[i] is None:
+        for i, sc in enumerate(scoring):
+            if sc.rows is None:
                 continue
-            first, count = row_of[i]
-            req = seq.req
-            if req.wants_input_logprobs:
-                results[i] = SampledToken(None, input_logprobs=self._input_logprobs(seq, logits[first : first + count]))
-            if seq.samples and req.sampling.max_new_tokens > 0:
+            first, count = sc.rows
+            if sc.input_logprobs is not None:
+                results[i] = SampledToken(None, input_logprobs=_input_logprobs(sc.input_logprobs,
+                                                                               logits[first : first + count]))
+            if sc.sample is not None:
                 sample_idx.append((i, first + count - 1))
-                rows.append(SampleRow(req.sampling, req.prompt_ids, req.output_ids, req.top_logprobs_num, req.return_logprob))
+                rows.append(sc.sample)
         if sample_idx:
             picked = logits[torch.tensor([r for _, r in sample_idx], device=logits.device)]
             tokens, lps = self.sampler(picked, rows)
@@ -130,14 +134,14 @@ class ModelRunner:
                 results[i] = SampledToken(tok, lp, prev.input_logprobs if prev else None)
         return results
 
-    def _input_logprobs(self, seq: ScheduledSeq, logits: torch.Tensor) -> list[TokenLogprob | None]:
-        """Logprobs of prompt tokens in [logprob_start_len, prompt_len) that this chunk's logits predict."""
-        req = seq.req
-        c, n, prompt_len = req.num_computed_tokens, seq.num_new_tokens, len(req.prompt_ids)
-        out: list[TokenLogprob | None] = []
-        if c == 0 and req.logprob_start_len == 0:
-            out.append(None)  # the first prompt token has no context to score it
-        lp = torch.log_softmax(logits, dim=-1)  # [n, V]; row j predicts token c + j + 1
-        for t in range(max(c + 1, req.logprob_start_len, 1), min(c + n, prompt_len - 1) + 1):
-            out.append(token_logprob(lp[t - c - 1], req.prompt_ids[t], req.top_logprobs_num))
-        return out
+
+def _input_logprobs(spec: InputLogprobSpec, logits: torch.Tensor) -> list[TokenLogprob | None]:
+    """Logprobs of prompt tokens in [logprob_start_len, prompt_len) that this chunk's logits predict."""
+    c, n, prompt_len = spec.num_computed_tokens, spec.num_new_tokens, len(spec.prompt_ids)
+    out: list[TokenLogprob | None] = []
+    if c == 0 and spec.logprob_start_len == 0:
+        out.append(None)  # the first prompt token has no context to score it
+    lp = torch.log_softmax(logits, dim=-1)  # [n, V]; row j predicts token c + j + 1
+    for t in range(max(c + 1, spec.logprob_start_len, 1), min(c + n, prompt_len - 1) + 1):
+        out.append(token_logprob(lp[t - c - 1], spec.prompt_ids[t], spec.top_logprobs_num))
+    return out

@@ -19,6 +19,7 @@ from pdserve.engine.messages import (
     RequestOutput,
     ShutdownRequest,
 )
+from pdserve.engine.tp_worker import KEEPALIVE_S
 from pdserve.envs import ENVS
 from pdserve.model.loader import ResolvedModel
 
@@ -42,6 +43,10 @@ def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Conn
         _loop(engine, conn, step_log)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the front went away
+    finally:
+        core = getattr(engine, "engine", engine)  # PD sides wrap an Engine
+        if hasattr(core, "close"):
+            core.close()  # TP: stops the other ranks
 
 
 def _pin(cpus: tuple[int, ...]) -> None:
@@ -86,12 +91,18 @@ def _loop(engine, conn: Connection, step_log: _StepLog | None = None) -> None:
         poller.register(conn.fileno(), zmq.POLLIN)
         for sock in sockets:
             poller.register(sock, zmq.POLLIN)
+    core = getattr(engine, "engine", engine)  # PD sides wrap an Engine
+    idle = getattr(core, "idle", None)
+    # TP: an idle rank 0 wakes up to keep the other ranks' deadline (tp_worker.KEEPALIVE_S).
+    max_idle_s = KEEPALIVE_S if getattr(core, "config", None) is not None and core.config.tp_size > 1 else None
     while True:
         if not engine.has_work:
             if poller is None:
-                conn.poll(None)
+                conn.poll(max_idle_s)
             else:
                 poller.poll(engine.idle_wait_s * 1000)
+            if idle is not None:
+                idle()
         while conn.poll(0):
             msg = conn.recv()
             if isinstance(msg, ShutdownRequest):

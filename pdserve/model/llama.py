@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from safetensors import safe_open
 from pdserve.epd.vlm import language_weight_name, text_config_of
 from pdserve.model.host_memory import host_zeros
 from pdserve.model.ops import pick_ops
+from pdserve.model.parallel import TPGroup, check_model_fits, vocab_shard
+from pdserve.model.tp_layout import kv_heads_of_rank
 
 
 @dataclass(frozen=True)
@@ -94,42 +96,66 @@ class KVCache:
 
 
 class LlamaForCausalLM:
-    def __init__(self, hf_dir: str, dtype: torch.dtype, device: torch.device):
+    """One rank's part of the model: the whole model when tp is None, else its tensor-parallel shard
+    (pdserve/model/parallel.py says how layers are cut). `arch` is what this rank computes (its heads, its
+    slice of the intermediate size and vocab); `full_arch` is the model's."""
+
+    def __init__(self, hf_dir: str, dtype: torch.dtype, device: torch.device, tp: TPGroup | None = None):
         with open(os.path.join(hf_dir, "config.json")) as f:
             self.config = text_config_of(json.load(f))  # a vision-language checkpoint: its language model
-        self.arch = a = LlamaArch.from_config(self.config)
+        self.full_arch = full = LlamaArch.from_config(self.config)
+        self.tp = tp if tp is not None and tp.size > 1 else None
+        tp_size, rank = (tp.size, tp.rank) if self.tp else (1, 0)
+        check_model_fits(full.num_heads, full.num_kv_heads, full.intermediate_size, tp_size)
+        num_local_heads = full.num_heads // tp_size
+        kv_heads = kv_heads_of_rank(full.num_kv_heads, tp_size, rank)
+        self.vocab_start, vocab_end = vocab_shard(full.vocab_size, tp_size, rank)
+        self.vocab_rows = -(-full.vocab_size // tp_size)  # padded shard height
+        self.arch = a = replace(full, num_heads=num_local_heads, num_kv_heads=len(kv_heads),
+                                intermediate_size=full.intermediate_size // tp_size, vocab_size=self.vocab_rows)
         self.dtype, self.device = dtype, device
-        sd = _load_state_dict(hf_dir)
+        reader = ShardReader(hf_dir)
 
-        def w(name: str) -> torch.Tensor:
-            if name not in sd:
-                raise ValueError(f"weight {name} missing from {hf_dir}")
-            return sd[name].to(device=device, dtype=dtype).contiguous()
+        def w(name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+            return reader.read(name, rows, cols).to(device=device, dtype=dtype).contiguous()
 
+        def vocab_rows(name: str) -> torch.Tensor:  # [vocab_rows, H], zero rows past the vocab
+            part = w(name, (self.vocab_start, vocab_end))
+            if part.shape[0] == self.vocab_rows:
+                return part
+            return torch.cat([part, part.new_zeros(self.vocab_rows - part.shape[0], part.shape[1])])
+
+        D = full.head_dim
+        q_rows = (rank * num_local_heads * D, (rank + 1) * num_local_heads * D)
+        kv_rows = (kv_heads.start * D, kv_heads.stop * D)
+        ffn = (rank * a.intermediate_size, (rank + 1) * a.intermediate_size)
         self.cos, self.sin = _rope_tables(self.config, a, device)  # [max_pos, D] float32
         self.ops = pick_ops(device, dtype, self.cos, self.sin, a)
         pack = self.ops.pack  # takes W_t [in, out] and the op's name (the self-check chose per op)
-        self.embed = w("model.embed_tokens.weight")  # [V, H]
+        self.embed = vocab_rows("model.embed_tokens.weight")  # [V or vocab_rows, H]
         self.norm = w("model.norm.weight")
-        tied = a.tie_word_embeddings and "lm_head.weight" not in sd
-        self.lm_head = pack((self.embed if tied else w("lm_head.weight")).t(), "linear.lm_head")  # [H, V]
+        tied = a.tie_word_embeddings and not reader.has("lm_head.weight")
+        self.lm_head = pack((self.embed if tied else vocab_rows("lm_head.weight")).t(), "linear.lm_head")  # [H, V]
         self.layers = []
         for i in range(a.num_layers):
             p = f"model.layers.{i}."
-            qkv_w = torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])  # [(nH+2nKV)*D, H]
+            attn = p + "self_attn."
+            qkv_w = torch.cat([w(attn + "q_proj.weight", q_rows), w(attn + "k_proj.weight", kv_rows),
+                               w(attn + "v_proj.weight", kv_rows)])  # [(nH+2nKV)*D, H] (this rank's heads)
             qkv = pack(qkv_w.t(), "linear.qkv")
-            bias = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if a.qkv_bias else None
-            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])  # [2I, H]
+            bias = torch.cat([w(attn + "q_proj.bias", q_rows), w(attn + "k_proj.bias", kv_rows),
+                              w(attn + "v_proj.bias", kv_rows)]) if a.qkv_bias else None
+            gate_up_w = torch.cat([w(p + "mlp.gate_proj.weight", ffn), w(p + "mlp.up_proj.weight", ffn)])  # [2I, H]
             gate_up = pack(gate_up_w.t(), "linear.gate_up")
             self.layers.append(
                 dict(
                     in_norm=w(p + "input_layernorm.weight"),
                     qkv=qkv,
                     qkv_bias=bias,
-                    o=pack(w(p + "self_attn.o_proj.weight").t(), "linear.o"),  # [nH*D, H]
+                    o=pack(w(attn + "o_proj.weight", cols=q_rows).t(), "linear.o"),  # [nH*D, H]
                     post_norm=w(p + "post_attention_layernorm.weight"),
                     gate_up=gate_up,
-                    down=pack(w(p + "mlp.down_proj.weight").t(), "linear.down"),  # [I, H]
+                    down=pack(w(p + "mlp.down_proj.weight", cols=ffn).t(), "linear.down"),  # [I, H]
                 )
             )
         self.scale = a.head_dim**-0.5
@@ -144,13 +170,13 @@ class LlamaForCausalLM:
         embeds_override: optional (rows [K] int64, embeddings [K, H]): those rows of the flat batch take the
         given input embeddings instead of their token's (image placeholder tokens of multimodal prompts)."""
         a = self.arch
-        x = F.embedding(input_ids, self.embed)  # [T, H]
+        x = self._embed(input_ids)  # [T, H]
         if embeds_override is not None:
             rows, values = embeds_override
             x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
         ops = self.ops
         ops.start_rows(meta.decode_start)  # prompt-token rows first, then one row per decoding sequence
-        fused = ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale)
+        fused = None if self.tp else ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale)
         x = x if fused is None else fused
         rope = ops.rope_inputs(positions)
         for li, L in enumerate([] if fused is not None else self.layers):
@@ -159,13 +185,33 @@ class LlamaForCausalLM:
             q = ops.rope_store(qkv, rope, a.num_heads, a.num_kv_heads, a.head_dim, meta.out_slots, kv.k[li],
                                kv.v[li])  # [T, nH, D]; k, v written to the pool
             o = self._attention(q, kv.k[li], kv.v[li], meta)  # [T, nH*D]
-            x = ops.linear(o, L["o"], add=x)
+            x = self._row_parallel(o, L["o"], x)
             h = ops.rmsnorm(x, L["post_norm"], a.rms_norm_eps)
-            x = ops.linear(ops.silu_mul(ops.linear(h, L["gate_up"])), L["down"], add=x)  # gate_up: [T, 2I]
+            x = self._row_parallel(ops.silu_mul(ops.linear(h, L["gate_up"])), L["down"], x)  # gate_up: [T, 2I]
         x = x.index_select(0, logits_idx)
         ops.start_rows(0)  # one row per sequence to score: these take the decode rows' path
         x = ops.rmsnorm(x, self.norm, a.rms_norm_eps)
-        return ops.linear(x, self.lm_head).float()  # [N, V]
+        logits = ops.linear(x, self.lm_head).float()  # [N, V] (a rank: [N, vocab_rows])
+        if self.tp is None:
+            return logits
+        full = self.tp.gather_columns(logits)  # rank 0: [N, vocab_rows * tp]; others: None
+        return full[:, : self.full_arch.vocab_size] if full is not None else None
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> [T, H]; vocab-parallel: each rank looks up the ids in its rows, the sum has every row."""
+        if self.tp is None:
+            return F.embedding(input_ids, self.embed)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_rows)
+        x = F.embedding(local.clamp(0, self.vocab_rows - 1), self.embed)
+        x[outside] = 0
+        return self.tp.all_reduce(x)
+
+    def _row_parallel(self, x: torch.Tensor, weight, residual: torch.Tensor) -> torch.Tensor:
+        """residual + x @ W; with TP the partial products are summed over the ranks first."""
+        if self.tp is None:
+            return self.ops.linear(x, weight, add=residual)
+        return residual + self.tp.all_reduce(self.ops.linear(x, weight))
 
     def _attention(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: AttnMetadata):
         a = self.arch
@@ -209,19 +255,41 @@ def _rope_tables(cfg: dict, a: LlamaArch, device: torch.device) -> tuple[torch.T
     return (emb.cos() * scaling).to(device), (emb.sin() * scaling).to(device)
 
 
-def _load_state_dict(hf_dir: str) -> dict[str, torch.Tensor]:
-    """The language model's weights under plain causal-LM names (a VLM's vision tower is not loaded)."""
-    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"no .safetensors weights in {hf_dir}")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(os.path.join(hf_dir, f), "pt") as st:
-                for k in st.keys():
-                    name = language_weight_name(k)
-                    if name is not None:
-                        sd[name] = st.get_tensor(k)
-        except Exception as e:
-            raise ValueError(f"cannot read weights {f}: {e}") from None
-    return sd
+class ShardReader:
+    """Reads the language model's weights (plain causal-LM names; a VLM's vision tower is skipped), each
+    as a whole tensor or just the rows / columns a tensor-parallel rank needs (safetensors slices: a rank
+    never reads another rank's shard)."""
+
+    def __init__(self, hf_dir: str):
+        files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"no .safetensors weights in {hf_dir}")
+        self.hf_dir = hf_dir
+        self._where: dict[str, tuple[str, str]] = {}  # causal-LM name -> (file, name in the file)
+        for f in files:
+            try:
+                with safe_open(os.path.join(hf_dir, f), "pt") as st:
+                    for k in st.keys():
+                        name = language_weight_name(k)
+                        if name is not None:
+                            self._where[name] = (f, k)
+            except Exception as e:
+                raise ValueError(f"cannot read weights {f}: {e}") from None
+        self._open: dict[str, object] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def read(self, name: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None):
+        if name not in self._where:
+            raise ValueError(f"weight {name} missing from {self.hf_dir}")
+        f, key = self._where[name]
+        st = self._open.get(f)
+        if st is None:
+            st = self._open[f] = safe_open(os.path.join(self.hf_dir, f), "pt")
+        if rows is None and cols is None:
+            return st.get_tensor(key)
+        part = st.get_slice(key)
+        if cols is None:
+            return part[rows[0]:rows[1]]
+        return part[:, cols[0]:cols[1]]

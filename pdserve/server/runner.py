@@ -41,6 +41,12 @@ async def serve(config: ServerConfig) -> int:
         from pdserve.epd.encode_server import serve_encoder
 
         return await serve_encoder(config)
+    if config.engine.node_rank > 0:  # another machine's tensor-parallel ranks: no HTTP, no scheduler
+        from pdserve.engine.tp_worker import serve_node
+        from pdserve.model.loader import resolve_model
+
+        hf_dir = resolve_model(config.engine.model.model_path).hf_dir
+        return await asyncio.get_running_loop().run_in_executor(None, serve_node, config.engine, hf_dir)
     from pdserve.engine.dp_client import start_engine_client
 
     loop = asyncio.get_running_loop()
