@@ -54,6 +54,7 @@ class EngineConfig:
     tp_size: int = 1
     dp_size: int = 1
     dp_rank: int = 0  # which replica this engine is (set per replica by the front)
+    instance_id: str = ""  # one server's id, shared by its replicas ("": each engine makes its own)
     dist_init_addr: str | None = None  # host:port of rank 0's torch.distributed store; None: a free local port
     nnodes: int = 1
     node_rank: int = 0

@@ -136,8 +136,10 @@ def test_a_prefill_control_port_runs_no_pickle_and_takes_no_forged_frame(tmp_pat
         for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": AUTH_TOKEN}):
             r = httpx.put(boot + "/route", content=info, headers=headers, timeout=10)
             assert r.status_code == 401, r.text
-        assert httpx.get(boot + "/route", timeout=10).json()["rank_ip"] == "127.0.0.1"  # not redirected
-        r = httpx.put(boot + "/route", content=b'{"engine_rank": 0, "rank_ip": 5}',
+        assert httpx.get(boot + "/route", params={"engine_rank": 0}, timeout=10).json()["rank_ip"] == "127.0.0.1"
+        assert httpx.get(boot + "/route", params={"prefill_dp_rank": -1, "target_tp_rank": -1},
+                         timeout=10).json()["attn_tp_size"] == 1  # the layout (SGLang's -1 query)
+        r = httpx.put(boot + "/route", content=b'{"attn_tp_rank": 0, "rank_ip": 5}',
                       headers={"Authorization": f"Bearer {AUTH_TOKEN}"}, timeout=10)
         assert r.status_code == 400
         r = httpx.put(boot + "/route", content=msgspec.json.encode(msgspec.convert(rank, RankInfo)),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
+
+import msgspec
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.control import ControlChannel
 from pdserve.disagg.messages import PD_MESSAGES
 from pdserve.disagg.metadata import MetadataBuffer
-from pdserve.disagg.transfer import MemRegion, TransferEngine, TransferState, create_transfer_engine
+from pdserve.disagg.rank_transfer import RankTransfer
+from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferEngine, TransferState
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import RequestOutput
 from pdserve.engine.request import Request
@@ -37,28 +39,39 @@ class RoomState:
 
 
 class DisaggLink:
-    """KV pool + metadata rows registered with the transfer engine, and this engine's control channel."""
+    """This engine's (TP rank 0's) KV pool + metadata rows registered with the transfer engine, the other TP
+    ranks' agents, and this engine's control channel."""
 
     def __init__(self, engine: Engine, config: EngineConfig, role: str, num_meta_rows: int):
         self.engine = engine
         self.meta = MetadataBuffer(num_meta_rows)
-        kv = engine.runner.kv
-        regions = []
-        for k, v in zip(kv.k, kv.v):
-            for t in (k, v):
-                regions.append(MemRegion(t.data_ptr(), t.numel() * t.element_size(), t[0].numel() * t.element_size()))
-        self.num_kv_regions = len(regions)
-        self.item_bytes = regions[0].item_bytes
-        self.kv_dtype = str(kv.k[0].dtype).removeprefix("torch.")
-        regions.append(MemRegion(self.meta.ptr, self.meta.nbytes, self.meta.row_bytes))
-        self.meta_region = len(regions) - 1
-        self.agent_name = f"{role}-{uuid.uuid4().hex[:12]}"
-        self.transfer: TransferEngine = create_transfer_engine(config.transfer_backend, self.agent_name, config.host,
-                                                               regions, config.ib_device)
+        runner = engine.runner
+        self.xfer = RankTransfer(config, 0, runner.kv, runner.model.full_arch.num_kv_heads,
+                                 meta=MemRegion(self.meta.ptr, self.meta.nbytes, self.meta.row_bytes))
+        self.transfer: TransferEngine = self.xfer.transfer
+        self.agent_name = self.xfer.agent_name
+        self.num_kv_regions, self.item_bytes = self.xfer.num_kv_regions, self.xfer.item_bytes
+        self.head_bytes, self.kv_dtype = self.xfer.head_bytes, self.xfer.kv_dtype
+        self.num_kv_heads = runner.model.full_arch.num_kv_heads
+        self.meta_region = self.num_kv_regions
+        self.tp_link = runner.tp_link  # None without TP
+        self.rank_agents: tuple[AgentInfo, ...] = (self.xfer.local_info(),)
+        if self.tp_link is not None:  # the other ranks registered theirs (tp_worker -> attach_tp_rank)
+            parts = self.tp_link.gather(msgspec.msgpack.encode(self.rank_agents[0]))
+            self.rank_agents = tuple(msgspec.msgpack.decode(p, type=AgentInfo) for p in parts)
         self.ctrl = ControlChannel(config.host, PD_MESSAGES, config.auth_secret)
         self.moves_data = config.transfer_backend != "fake"
-        logger.info("%s: transfer backend %s, control %s, %d regions", self.agent_name, config.transfer_backend,
-                    self.ctrl.addr, len(regions))
+        logger.info("%s: transfer backend %s, control %s, %d TP ranks", self.agent_name, config.transfer_backend,
+                    self.ctrl.addr, len(self.rank_agents))
+
+    def rank_call(self, payload: bytes) -> None:
+        """Send a PD command to the other TP ranks (nothing without TP)."""
+        if self.tp_link is not None:
+            self.tp_link.call(payload)
+
+    def all_reduce_min(self):
+        """The TP group's MIN all-reduce for poll agreement (None without TP)."""
+        return self.tp_link.group.all_reduce_min_cpu if self.tp_link is not None else None
 
     def fail(self, req: Request, reason: str) -> RequestOutput:
         """End a request with a clear error; its slots are freed by the scheduler."""
@@ -72,7 +85,7 @@ class DisaggLink:
 
     def close(self) -> None:
         self.ctrl.close()
-        self.transfer.close()
+        self.xfer.close()
 
 
 def now() -> float:

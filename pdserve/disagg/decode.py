@@ -30,9 +30,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.bootstrap import lookup_rank
+from pdserve.disagg.bootstrap import lookup_instance, lookup_rank
+from pdserve.disagg.kv_slicing import prefill_ranks_for_decode
 from pdserve.disagg.common import DisaggLink, RoomState, now
-from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
+from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, PrefillLayout, RankInfo, TransferDone
 from pdserve.disagg.transfer import TransferState
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput, TokenLogprob
@@ -63,12 +64,15 @@ class Quarantined:
 
 @dataclass
 class PrefillPeer:
+    """A prefill instance (its bootstrap server): its layout and ranks, learned at first contact."""
+
     key: str  # "host:port" of its bootstrap server
     host: str
     port: int
     lookup: Future | None = None
-    rank: RankInfo | None = None
-    ctrl_addr: str | None = None
+    layout: PrefillLayout | None = None
+    ranks: list[list[RankInfo]] | None = None  # [dp rank][tp rank]
+    ctrl_addrs: list[str] | None = None  # per dp rank: its TP rank 0's control socket
     failures: int = 0
     dead: str | None = None  # set by the heartbeat thread
     replaced_by: str | None = None  # server_id of a new prefill process on this address (heartbeat thread)
@@ -161,7 +165,7 @@ class DecodeEngine:
     # ---- peers -----------------------------------------------------------------------------------------
     def _bootstrap_peer(self, key: str, host: str, port: int) -> None:
         peer = PrefillPeer(key, host, port)
-        peer.lookup = self.pool.submit(lookup_rank, host, port)
+        peer.lookup = self.pool.submit(lookup_instance, host, port)
         self.peers[key] = peer
 
     def _check_peers(self) -> list[RequestOutput]:
@@ -169,11 +173,18 @@ class DecodeEngine:
         for key, peer in list(self.peers.items()):
             if peer.lookup is not None and peer.lookup.done():
                 try:
-                    peer.rank = peer.lookup.result()
-                    peer.ctrl_addr = f"tcp://{_bracket(peer.rank.rank_ip)}:{peer.rank.rank_port}"
-                    self._release_replaced(peer.key, peer.rank.server_id)
-                    self._check_layout(peer.rank)
-                    self.link.ctrl.send(peer.ctrl_addr, PeerRegister(self.link.transfer.local_info(), self.link.ctrl.addr))
+                    layout, ranks = peer.lookup.result()
+                    self._release_replaced(peer.key, ranks[0][0].server_id)
+                    for group in ranks:
+                        for info in group:
+                            self._check_layout(info)
+                    peer.layout, peer.ranks = layout, ranks
+                    peer.ctrl_addrs = [f"tcp://{_bracket(g[0].rank_ip)}:{g[0].rank_port}" for g in ranks]
+                    link = self.link
+                    hello = PeerRegister(link.rank_agents[0], link.ctrl.addr, link.rank_agents, link.num_kv_heads,
+                                         link.head_bytes, self.config.page_size)
+                    for addr in peer.ctrl_addrs:  # every dp group of the instance
+                        link.ctrl.send(addr, hello)
                 except Exception as e:
                     peer.dead = f"cannot bootstrap with prefill at {key}: {e}"
                 peer.lookup = None
@@ -187,16 +198,22 @@ class DecodeEngine:
         self._release_where(lambda held: held.peer == key and held.server_id != server_id)
 
     def _check_layout(self, rank: RankInfo) -> None:
-        """The prefill must write what this decode holds: the same backend, regions and bytes per token."""
+        """The prefill must write what this decode holds: the same backend, page size, KV dtype, layers and KV
+        heads, and TP sizes that map onto each other (bytes per token differ when TP sizes do)."""
         if rank.backend != self.config.transfer_backend:
             raise ValueError(f"prefill uses transfer backend {rank.backend!r}, this decode uses "
                              f"{self.config.transfer_backend!r} (--disaggregation-transfer-backend must match)")
-        theirs = (rank.num_regions, rank.item_bytes, rank.kv_dtype)
-        mine = (self.link.num_kv_regions, self.link.item_bytes, self.link.kv_dtype)
+        if rank.page_size != self.config.page_size:
+            raise ValueError(f"prefill uses --page-size {rank.page_size}, this decode {self.config.page_size} "
+                             "(prefill and decode must use the same page size)")
+        link = self.link
+        theirs = (rank.num_regions, rank.num_kv_heads, rank.head_bytes, rank.kv_cache_dtype)
+        mine = (link.num_kv_regions, link.num_kv_heads, link.head_bytes, link.kv_dtype)
         if theirs != mine:
-            raise ValueError(f"prefill KV layout ({theirs[0]} regions of {theirs[1]} bytes per token, {theirs[2]}) "
-                             f"differs from this decode's ({mine[0]} of {mine[1]}, {mine[2]}): different models or "
-                             "dtypes?")
+            raise ValueError(f"prefill KV layout ({theirs[0]} regions, {theirs[1]} KV heads of {theirs[2]} bytes, "
+                             f"{theirs[3]}) differs from this decode's ({mine[0]}, {mine[1]} of {mine[2]}, {mine[3]}): "
+                             "different models or dtypes?")
+        prefill_ranks_for_decode(rank.attn_tp_size, self.config.tp_size, 0)  # raises for TP sizes that cannot map
 
     def _drop_peer(self, peer: PrefillPeer) -> list[RequestOutput]:
         """Fail every request bound to a dead (or unreachable) prefill; forget it so a restart re-bootstraps."""
@@ -205,22 +222,23 @@ class DecodeEngine:
         if peer.replaced_by is not None:
             self._release_replaced(peer.key, peer.replaced_by)
         del self.peers[peer.key]
-        if peer.ctrl_addr:
-            self.link.ctrl.forget(peer.ctrl_addr)
+        for addr in peer.ctrl_addrs or []:
+            self.link.ctrl.forget(addr)
         return outs
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(ENVS.disagg_heartbeat_interval_s):
             for peer in list(self.peers.values()):
-                if peer.rank is None or peer.dead:
+                if peer.ranks is None or peer.dead:
                     continue
                 try:  # the route, not just /health: a prefill restarted on the same address has a new id
                     rank = lookup_rank(peer.host, peer.port, timeout=min(2.0, ENVS.disagg_heartbeat_interval_s))
                 except Exception:  # noqa: BLE001 - any failure is a missed heartbeat
                     rank = None
-                if rank is not None and rank.server_id != peer.rank.server_id:
+                known = peer.ranks[0][0].server_id
+                if rank is not None and rank.server_id != known:
                     peer.replaced_by = rank.server_id
-                    peer.dead = (f"prefill server at {peer.key} restarted (server id {peer.rank.server_id} -> "
+                    peer.dead = (f"prefill server at {peer.key} restarted (server id {known} -> "
                                  f"{rank.server_id}): its in-flight transfers are lost")
                     continue
                 if rank is not None:
@@ -231,10 +249,11 @@ class DecodeEngine:
                     peer.dead = (f"prefill server at {peer.key} is unreachable "
                                  f"({peer.failures} failed heartbeats)")
 
-    def _send_peer(self, key: str | None, msg: object) -> None:
-        peer = self.peers.get(key or "")
-        if peer is not None and peer.ctrl_addr:
-            self.link.ctrl.send(peer.ctrl_addr, msg)
+    def _send_peer(self, st: RoomState, msg: object) -> None:
+        """To the prefill engine (dp group) that has this room."""
+        peer = self.peers.get(st.peer or "")
+        if peer is not None and peer.ctrl_addrs:
+            self.link.ctrl.send(peer.ctrl_addrs[st.extra.get("dp", 0)], msg)
 
     # ---- queues ----------------------------------------------------------------------------------------
     def _preallocate(self) -> list[RequestOutput]:
@@ -243,7 +262,7 @@ class DecodeEngine:
         for req in list(self.prealloc):
             st: RoomState = req.disagg
             peer = self.peers.get(st.peer)
-            if peer is None or peer.rank is None:
+            if peer is None or peer.ranks is None:
                 continue
             n = len(req.prompt_ids)
             busy = len(sched.running) + len(self.transferring)
@@ -259,10 +278,11 @@ class DecodeEngine:
             # The request holds whole pages; the destination is the first n slots of them (the prompt's).
             st.dst_slots, st.meta_row, st.nonce = tuple(req.slots[:n]), row, secrets.randbits(63) | 1
             st.state = TransferState.TRANSFERRING
+            st.extra["dp"] = st.room % len(peer.ctrl_addrs)  # SGLang's follow_bootstrap_room
             self.prealloc.remove(req)
             self.transferring[st.room] = req
-            self.link.ctrl.send(peer.ctrl_addr, KVDestination(st.room, self.link.agent_name, st.dst_slots, row, n,
-                                                              st.nonce))
+            self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(st.room, self.link.agent_name,
+                                                                               st.dst_slots, row, n, st.nonce))
         return []
 
     def _handle_control(self) -> list[RequestOutput]:
@@ -346,12 +366,12 @@ class DecodeEngine:
                 self.prealloc.remove(req)
             peer = self.peers.get(st.peer or "")
             if sent and not prefill_done:
-                server_id = peer.rank.server_id if peer is not None and peer.rank is not None else ""
+                server_id = peer.ranks[0][0].server_id if peer is not None and peer.ranks is not None else ""
                 self.quarantine[(st.room, st.nonce)] = Quarantined(
                     st.room, st.nonce, self.engine.scheduler.kv.detach(req), st.meta_row, now() + QUARANTINE_TTL_S,
                     st.peer or "", server_id)
                 st.meta_row = None
-                self._send_peer(st.peer, AbortRoom(st.room, reason, st.nonce, self.link.agent_name))
+                self._send_peer(st, AbortRoom(st.room, reason, st.nonce, self.link.agent_name))
             elif st.meta_row is not None:
                 self.link.meta.free(st.meta_row)
                 st.meta_row = None

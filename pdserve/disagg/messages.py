@@ -26,24 +26,53 @@ class BootstrapInfo:
     room: int
 
 
-class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """What a prefill rank registers at its bootstrap server (PUT /route) and decodes look up (GET /route)."""
+Size = Annotated[int, msgspec.Meta(ge=1, le=4096)]
+Name = Annotated[str, msgspec.Meta(max_length=255)]
 
-    engine_rank: NonNegative
-    rank_ip: Annotated[str, msgspec.Meta(max_length=255)]
-    rank_port: Port  # the prefill engine's control (ZMQ PULL) port
+
+class RankInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What each prefill TP rank registers at its instance's bootstrap server (PUT /route, SGLang's field names
+    plus the KV layout a decode checks) and decodes look up (GET /route)."""
+
+    attn_tp_size: Size
+    attn_tp_rank: NonNegative
+    rank_ip: Name
+    rank_port: Port  # the control (ZMQ PULL) port of the rank's engine (TP rank 0 of its dp group)
+    page_size: Size
+    kv_cache_dtype: Annotated[str, msgspec.Meta(max_length=32)]  # e.g. "float32"
     backend: Annotated[str, msgspec.Meta(max_length=32)]
-    num_regions: NonNegative
-    item_bytes: NonNegative
-    server_id: Annotated[str, msgspec.Meta(max_length=255)]  # changes on every start: a restart is a new peer
-    kv_dtype: Annotated[str, msgspec.Meta(max_length=32)]  # e.g. "float32"
+    agent_name: Name  # this rank's transfer agent
+    num_regions: NonNegative  # KV regions (2 per layer)
+    num_kv_heads: Size  # the model's total (never local * tp: replicated heads)
+    head_bytes: NonNegative  # one KV head of one token
+    item_bytes: NonNegative  # one token slot of this rank (its local heads)
+    server_id: Name  # changes on every start: a restart is a new peer
+    attn_dp_size: Size = 1
+    attn_dp_rank: NonNegative = 0
+    pp_size: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1  # no pipeline parallelism
+    pp_rank: Annotated[int, msgspec.Meta(ge=0, le=0)] = 0
+
+
+class PrefillLayout(msgspec.Struct, frozen=True):
+    """GET /route?...=-1: a prefill instance's parallel layout (503 until every rank registered)."""
+
+    attn_tp_size: int
+    attn_dp_size: int
+    pp_size: int
+    page_size: int
+    kv_cache_dtype: str
+    follow_bootstrap_room: bool = True  # a room goes to dp rank room % attn_dp_size
 
 
 class PeerRegister(WireMessage, frozen=True):
     """decode -> prefill, once per peer: how to write into this decode's memory and where to report."""
 
-    agent: AgentInfo
+    agent: AgentInfo  # decode TP rank 0's (it holds the metadata rows)
     ctrl_addr: Annotated[str, msgspec.Meta(max_length=300)]  # tcp://host:port of the decode's PULL socket
+    rank_agents: tuple[AgentInfo, ...] = ()  # every decode TP rank's, rank order (() : just `agent`)
+    num_kv_heads: NonNegative = 0  # the model's total KV heads (0: not given)
+    head_bytes: NonNegative = 0
+    page_size: Size = 1
 
 
 class KVDestination(WireMessage, frozen=True):

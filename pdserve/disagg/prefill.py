@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import BootstrapServer, register_rank
 from pdserve.disagg.common import DisaggLink, RoomState, now
-from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, RankInfo, TransferDone
+from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, TransferDone
 from pdserve.disagg.metadata import MetaRow
-from pdserve.disagg.transfer import AgentInfo, TransferState, WriteRun, kv_write_runs
-from pdserve.disagg.transfer_queues import TransferQueues
+from pdserve.disagg.rank_transfer import AddPeer, DecodeLayout, PollWrites, Register, RemovePeer, StartWrite, encode_command
+from pdserve.disagg.transfer import AgentInfo, TransferState, WriteRun
+from pdserve.engine.tp_worker import TensorRanksFailed
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
 from pdserve.engine.request import Request
@@ -62,7 +63,9 @@ class PrefillEngine:
         self.kernel_plan = self.engine.kernel_plan
         self.link = DisaggLink(self.engine, config, "prefill", num_meta_rows=4 * config.max_running_requests + 16)
         self.engine.scheduler.kv_hold = self._start_transfer
-        self.queues = TransferQueues(self.link.transfer, ENVS.disagg_queue_size, ENVS.disagg_thread_pool_size)
+        self.xfer = self.link.xfer  # this rank's writes; the other TP ranks follow through RankCall commands
+        self._next_xfer_id = 1
+        self._abandon: list[int] = []  # writes to stop, told to every rank at the next poll
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
@@ -73,13 +76,16 @@ class PrefillEngine:
         # Rooms that failed before their decode's destination arrived: told when it does (else it would wait
         # for its waiting timeout). room -> (reason, time).
         self.failed_rooms: dict[int, tuple[str, float]] = {}
-        self.bootstrap = BootstrapServer(config.host, config.bootstrap_port, config.auth_token).start()
-        self.server_id = f"{os.getpid()}-{self.link.agent_name}"
-        register_rank(config.host, config.bootstrap_port, RankInfo(
-            engine_rank=0, rank_ip=config.host, rank_port=self.link.ctrl.port, backend=config.transfer_backend,
-            num_regions=self.link.num_kv_regions, item_bytes=self.link.item_bytes, server_id=self.server_id,
-            kv_dtype=self.link.kv_dtype),
-            config.auth_token)
+        # One bootstrap server per prefill instance: in its dp rank 0 engine; every rank of every dp group
+        # registers there (TP ranks > 0 themselves, told by a RankCall).
+        self.bootstrap = None
+        if config.dp_rank == 0:
+            self.bootstrap = BootstrapServer(config.host, config.bootstrap_port, config.auth_token).start()
+        self.server_id = config.instance_id or f"{os.getpid()}-{self.link.agent_name}"  # new on every start
+        register_rank(config.host, config.bootstrap_port, self.xfer.rank_info(self.link.ctrl.port, self.server_id),
+                      config.auth_token)
+        self.link.rank_call(encode_command(Register(config.host, config.bootstrap_port, self.link.ctrl.port,
+                                                    self.server_id, config.auth_token)))
 
     # ---- engine-process interface ----------------------------------------------------------------------
     @property
@@ -152,8 +158,8 @@ class PrefillEngine:
         return self.engine.flush_cache()
 
     def close(self) -> None:
-        self.bootstrap.stop()
-        self.queues.close()
+        if self.bootstrap is not None:
+            self.bootstrap.stop()
         self.link.close()
 
     # ---- control messages ----------------------------------------------------------------------------
@@ -200,21 +206,34 @@ class PrefillEngine:
         return []
 
     def _register_peer(self, msg: PeerRegister) -> None:
-        """A decode announces how to write into it: checked against this engine's layout before it is used."""
-        name, mine = msg.agent.agent_name, self.link.transfer.regions
-        theirs = msg.agent.regions
+        """A decode announces how to write into it (every TP rank's memory): checked against this engine's
+        layout, then each of this server's TP ranks loads the decode ranks it sends heads to."""
+        name = msg.agent.agent_name
+        layout = DecodeLayout(name, msg.rank_agents or (msg.agent,), msg.num_kv_heads or self.link.num_kv_heads,
+                              msg.head_bytes or self.link.head_bytes)
         reason = None
         if msg.agent.backend != self.link.transfer.name:
             reason = (f"decode {name} uses transfer backend {msg.agent.backend!r}, this prefill "
                       f"{self.link.transfer.name!r} (--disaggregation-transfer-backend must match)")
-        elif len(theirs) != len(mine) or any(a.item_bytes != b.item_bytes for a, b in zip(theirs, mine)):
-            reason = (f"decode {name} has a different KV layout ({len(theirs)} regions) from this prefill "
-                      f"({len(mine)}): different models or dtypes?")
+        elif msg.page_size != self.engine.config.page_size:
+            reason = (f"decode {name} has --page-size {msg.page_size}, this prefill {self.engine.config.page_size} "
+                      "(prefill and decode must use the same page size)")
+        elif (layout.num_kv_heads, layout.head_bytes) != (self.link.num_kv_heads, self.link.head_bytes) or any(
+                len(a.regions) != self.link.num_kv_regions + (1 if i == 0 else 0) for i, a in enumerate(layout.agents)):
+            reason = (f"decode {name} has a different KV layout ({layout.num_kv_heads} KV heads of {layout.head_bytes} "
+                      f"bytes, {len(msg.agent.regions)} regions) from this prefill ({self.link.num_kv_heads} of "
+                      f"{self.link.head_bytes}, {self.link.num_kv_regions + 1}): different models or dtypes?")
+        else:
+            try:
+                self.xfer.decode_ranks(layout)  # raises for a TP pair that cannot map
+            except ValueError as e:
+                reason = f"decode {name}: {e}"
         peer = self.peers[name] = DecodePeer(msg.ctrl_addr, now(), refused=reason)
         if reason is not None:
             logger.warning("peer refused: %s", reason)
             return
-        self.link.transfer.add_peer(msg.agent)  # may raise (bad metadata): the peer stays unusable
+        self.xfer.add_peer(layout, extra_ranks=(0,))  # may raise (bad metadata): the peer stays unusable
+        self.link.rank_call(encode_command(AddPeer(layout)))
         peer.agent = msg.agent
 
     def _release_idle_peers(self) -> None:
@@ -230,7 +249,8 @@ class PrefillEngine:
                 if all(p.ctrl_addr != peer.ctrl_addr for p in self.peers.values()):
                     self.link.ctrl.forget(peer.ctrl_addr)
                 if peer.agent is not None:
-                    self.link.transfer.remove_peer(name)
+                    self.xfer.remove_peer(name)
+                    self.link.rank_call(encode_command(RemovePeer(name)))
 
     def _live_requests(self) -> list[Request]:
         reqs = (self.engine.requests.get(rid) for rid in self.room_rid.values())
@@ -318,35 +338,51 @@ class PrefillEngine:
         self.link.meta.write(row, MetaRow(st.room, st.nonce, req.output_ids[0], req.num_cached_tokens,
                                           lp.logprob if lp else 0.0, lp.top if lp else []))
         st.extra["local_row"] = row
-        runs = kv_write_runs(self.link.transfer.regions, range(self.link.num_kv_regions), req.slots[:n], list(st.dst_slots))
-        mr = self.link.meta_region
         rb = self.link.meta.row_bytes
-        runs.append(WriteRun(mr, row * rb, st.meta_row * rb, rb))
+        meta_run = (0, [WriteRun(self.link.meta_region, row * rb, st.meta_row * rb, rb)])  # to decode rank 0
+        xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
         try:
-            st.handle = self.queues.write(st.peer, runs)
+            self.xfer.start(xfer_id, st.peer, req.slots[:n], list(st.dst_slots), extra=meta_run)
+            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, req.slots[:n], list(st.dst_slots))))
+            st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
             self.waiting_input.pop(st.room, None)
+        except TensorRanksFailed:
+            raise
         except Exception as e:  # backend refused: fail the room, release normally
             logger.exception("transfer start failed")
+            self.xfer.release(xfer_id)
             self.link.meta.free(row)
             return self._refuse(req, f"KV transfer failed to start: {e}")
         self.transferring[req.rid] = req
         return True
 
     def _poll_transfers(self) -> list[RequestOutput]:
-        outs = []
-        for rid, req in list(self.transferring.items()):
+        """One poll round over every TP rank's writes (their MIN is the state); finish what ended."""
+        if not self.transferring and not self._abandon:
+            return []
+        t = now()
+        for req in self.transferring.values():
             st: RoomState = req.disagg
-            state = self.queues.poll(st.handle)
-            if state is TransferState.TRANSFERRING:
-                if now() >= st.deadline and not st.aborted:  # a hung peer: its worker abandons the write
-                    st.aborted = (f"KV transfer to the decode did not finish within "
-                                  f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
-                    self.queues.release(st.handle)
-                continue  # the KV stays ours until the worker has stopped reading it
-            self.queues.release(st.handle)
-            del self.transferring[rid]
+            if t >= st.deadline and not st.aborted:  # a hung peer: every rank's worker abandons the write
+                st.aborted = (f"KV transfer to the decode did not finish within "
+                              f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
+                self._abandon.append(st.handle)
+        reqs = list(self.transferring.values())
+        ids = [r.disagg.handle for r in reqs]
+        abandon, self._abandon = self._abandon, []
+        self.link.rank_call(encode_command(PollWrites(abandon, ids, [])))
+        states = self.xfer.poll(abandon, ids, [], self.link.all_reduce_min())
+        done = [(req, state) for req, state in zip(reqs, states) if state is not TransferState.TRANSFERRING]
+        if done:  # forget them on every rank (the KV stays ours until every rank's worker stopped reading)
+            released = [req.disagg.handle for req, _ in done]
+            self.link.rank_call(encode_command(PollWrites([], [], released)))
+            self.xfer.poll([], [], released)
+        outs = []
+        for req, state in done:
+            st: RoomState = req.disagg
+            del self.transferring[req.rid]
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -61,7 +62,9 @@ def split_engine_cpus(cpus: Sequence[int], dp_size: int) -> list[tuple[int, ...]
 def replica_configs(config: EngineConfig) -> list[EngineConfig]:
     """One engine config per dp rank."""
     shares = split_engine_cpus(config.engine_cpus, config.dp_size)
-    return [dataclasses.replace(config, dp_rank=rank, engine_cpus=shares[rank]) for rank in range(config.dp_size)]
+    instance = config.instance_id or uuid.uuid4().hex[:16]  # one server: its PD ranks share a server id
+    return [dataclasses.replace(config, dp_rank=rank, engine_cpus=shares[rank], instance_id=instance)
+            for rank in range(config.dp_size)]
 
 
 class DataParallelClient:

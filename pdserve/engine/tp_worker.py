@@ -46,11 +46,17 @@ class Keepalive(msgspec.Struct, tag=True):
     pass
 
 
+class RankCall(msgspec.Struct, tag=True):
+    """Work for the ranks' PD transfer side (pdserve/disagg/rank_transfer.py encodes and decodes it)."""
+
+    payload: bytes
+
+
 class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-TPCommand = Union[Init, RunForward, Keepalive, Shutdown]
+TPCommand = Union[Init, RunForward, Keepalive, RankCall, Shutdown]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(TPCommand)
 
@@ -95,6 +101,18 @@ class TensorRanks:
         except Exception as e:
             raise TensorRanksFailed(f"tensor-parallel group broken: {type(e).__name__}: {e}") from None
         self._last_sent = time.monotonic()
+
+    def call(self, payload: bytes) -> None:
+        self.send(RankCall(payload))
+
+    def gather(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes (rank 0's = data), rank order."""
+        try:
+            out = self.group.gather_bytes(data)
+        except Exception as e:
+            raise TensorRanksFailed(f"tensor-parallel group broken: {type(e).__name__}: {e}") from None
+        assert out is not None
+        return out
 
     def keepalive(self) -> None:
         if time.monotonic() - self._last_sent >= KEEPALIVE_S:
@@ -142,12 +160,19 @@ def run_tp_worker(config: EngineConfig, hf_dir: str, rank: int, log_level: str) 
             raise RuntimeError(f"expected Init, got {type(init).__name__}")
         runner = ModelRunner(config, hf_dir, (), tp_group=group, num_slots=init.num_slots)
         torch.distributed.barrier(group=group.cpu_group)
+        on_call = None
+        if config.disaggregation_mode in ("prefill", "decode"):  # this rank's KV is written / read directly
+            from pdserve.disagg.rank_transfer import attach_tp_rank
+
+            on_call = attach_tp_rank(config, rank, runner, group)
         while True:
             cmd = _decoder.decode(group.broadcast_bytes(None))
             if isinstance(cmd, Shutdown):
                 break
             if isinstance(cmd, RunForward):
                 runner.forward(cmd.batch)
+            elif isinstance(cmd, RankCall) and on_call is not None:
+                on_call(cmd.payload)
     except Exception as e:  # noqa: BLE001 - the group is broken (rank 0 gone or failed): exit
         logger.error("tensor-parallel rank %d stops: %s: %s", rank, type(e).__name__, e)
         os._exit(1)

@@ -73,6 +73,20 @@ class TPGroup:
         dist.broadcast(buf, src=0, group=self.cpu_group)
         return data if self.rank == 0 else buf.numpy().tobytes()
 
+    def gather_bytes(self, data: bytes) -> list[bytes] | None:
+        """Every rank's bytes, in rank order, on rank 0 (None elsewhere)."""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(sizes, size, group=self.cpu_group)
+        width = max(int(t.item()) for t in sizes)
+        buf = torch.zeros(width, dtype=torch.uint8)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+        parts = [torch.empty(width, dtype=torch.uint8) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(buf, parts, dst=0, group=self.cpu_group)
+        if parts is None:
+            return None
+        return [p[: int(n.item())].numpy().tobytes() for p, n in zip(parts, sizes)]
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

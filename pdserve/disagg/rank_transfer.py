@@ -1,0 +1,252 @@
+"""The KV transfer work of one prefill TP rank: its transfer engine and queues, the decode ranks it writes to,
+and the writes of each room (its heads of the prompt's KV, sliced for the decode's TP layout).
+
+Rank 0 (pdserve/disagg/prefill.py) runs the PD state machine and tells the other ranks what to do through the
+engine's TP command stream (RankCall commands, msgspec; pdserve/engine/tp_worker.py): add a decode peer, start a
+room's write, poll / release writes. Every rank keeps the same transfer ids. States agree across ranks by a MIN
+all-reduce of their codes (FAILED < TRANSFERRING < SUCCESS, as SGLang's poll agreement): a rank that fails fails
+the room on all.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Union
+
+import msgspec
+import torch
+
+from pdserve.config import EngineConfig
+from pdserve.disagg.kv_slicing import head_slices, slice_write_runs
+from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferState, WriteRun, create_transfer_engine
+from pdserve.disagg.messages import RankInfo
+from pdserve.disagg.transfer_queues import QueuedWrite, TransferQueues
+from pdserve.envs import ENVS
+
+logger = logging.getLogger(__name__)
+
+STATE_CODE = {TransferState.FAILED: 0, TransferState.TRANSFERRING: 1, TransferState.SUCCESS: 2}
+CODE_STATE = {v: k for k, v in STATE_CODE.items()}
+
+
+class DecodeLayout(msgspec.Struct, frozen=True):
+    """A decode server's TP layout as a prefill rank needs it."""
+
+    key: str  # the decode's rank 0 agent name (the peer's identity)
+    agents: tuple[AgentInfo, ...]  # one per decode TP rank
+    num_kv_heads: int  # total, the model's
+    head_bytes: int
+
+
+class AddPeer(msgspec.Struct, tag=True):
+    layout: DecodeLayout
+
+
+class RemovePeer(msgspec.Struct, tag=True):
+    key: str
+
+
+class StartWrite(msgspec.Struct, tag=True):
+    xfer_id: int
+    key: str  # decode peer
+    src_slots: list[int]
+    dst_slots: list[int]
+
+
+class PollWrites(msgspec.Struct, tag=True):
+    abandon_ids: list[int]  # stop these writes (past their deadline, or aborted)
+    xfer_ids: list[int]  # agree on these (MIN all-reduce)
+    release_ids: list[int]  # then forget these (finished)
+
+
+class Register(msgspec.Struct, tag=True):
+    """Register this rank at the prefill instance's bootstrap server."""
+
+    bootstrap_host: str
+    bootstrap_port: int
+    rank_port: int  # rank 0's control port (the decode's control peer)
+    server_id: str
+    auth_token: Annotated[str, msgspec.Meta(max_length=4096)] | None
+
+
+RankCommand = Union[AddPeer, RemovePeer, StartWrite, PollWrites, Register]
+encode_command = msgspec.msgpack.Encoder().encode
+_decode_command = msgspec.msgpack.Decoder(RankCommand).decode
+
+
+@dataclass
+class _Peer:
+    layout: DecodeLayout
+    added: list[str]  # agent names loaded into this rank's transfer engine
+
+
+class RankTransfer:
+    """This rank's transfer engine over its KV regions (+ the metadata rows on rank 0)."""
+
+    def __init__(self, config: EngineConfig, rank: int, kv, num_kv_heads: int, meta: MemRegion | None = None):
+        """kv: this rank's KVCache (per layer K and V pools [slots, local heads, head_dim]); num_kv_heads: the
+        model's total."""
+        regions = [MemRegion(t.data_ptr(), t.numel() * t.element_size(), t[0].numel() * t.element_size())
+                   for k, v in zip(kv.k, kv.v) for t in (k, v)]
+        self.num_kv_regions = len(regions)
+        self.item_bytes = regions[0].item_bytes
+        self.head_bytes = kv.k[0].shape[2] * kv.k[0].element_size()
+        self.kv_dtype = str(kv.k[0].dtype).removeprefix("torch.")
+        if meta is not None:
+            regions.append(meta)
+        self.regions = regions
+        self.config, self.rank, self.tp_size, self.num_kv_heads = config, rank, config.tp_size, num_kv_heads
+        self.agent_name = f"{config.disaggregation_mode}-{uuid.uuid4().hex[:12]}-tp{rank}"
+        self.transfer = create_transfer_engine(config.transfer_backend, self.agent_name, config.host, regions,
+                                               config.ib_device)
+        self.queues = TransferQueues(self.transfer, ENVS.disagg_queue_size, ENVS.disagg_thread_pool_size)
+        self.peers: dict[str, _Peer] = {}
+        self.writes: dict[int, list[QueuedWrite]] = {}
+
+    def rank_info(self, rank_port: int, server_id: str) -> RankInfo:
+        """What this rank registers at its prefill instance's bootstrap server (SGLang's PUT /route fields)."""
+        c = self.config
+        return RankInfo(attn_tp_size=c.tp_size, attn_tp_rank=self.rank, attn_dp_size=c.dp_size,
+                        attn_dp_rank=c.dp_rank, rank_ip=c.host, rank_port=rank_port, page_size=c.page_size,
+                        kv_cache_dtype=self.kv_dtype, backend=c.transfer_backend, agent_name=self.agent_name,
+                        num_regions=self.num_kv_regions, num_kv_heads=self.num_kv_heads,
+                        head_bytes=self.head_bytes, item_bytes=self.item_bytes, server_id=server_id)
+
+    def local_info(self) -> AgentInfo:
+        return self.transfer.local_info()
+
+    # ---- peers -------------------------------------------------------------------------------------------
+    def decode_ranks(self, layout: DecodeLayout) -> list[int]:
+        """Decode ranks this rank writes KV heads to."""
+        slices = head_slices(self.num_kv_heads, self.tp_size, len(layout.agents))
+        return sorted({s.decode_rank for s in slices if s.prefill_rank == self.rank})
+
+    def add_peer(self, layout: DecodeLayout, extra_ranks: tuple[int, ...] = ()) -> None:
+        """Load the agents of the decode ranks this rank writes to (rank 0 also its metadata target)."""
+        old = self.peers.pop(layout.key, None)
+        if old is not None:
+            self._drop(old)
+        peer = _Peer(layout, [])
+        self.peers[layout.key] = peer
+        for d in sorted(set(self.decode_ranks(layout)) | set(extra_ranks)):
+            self.transfer.add_peer(layout.agents[d])
+            peer.added.append(layout.agents[d].agent_name)
+
+    def remove_peer(self, key: str) -> None:
+        peer = self.peers.pop(key, None)
+        if peer is not None:
+            self._drop(peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        for name in peer.added:
+            self.transfer.remove_peer(name)
+
+    # ---- writes ------------------------------------------------------------------------------------------
+    def kv_runs(self, layout: DecodeLayout, src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, list[WriteRun]]]:
+        """(decode rank, runs) for every decode rank this rank sends heads to."""
+        out = []
+        for hs in head_slices(self.num_kv_heads, self.tp_size, len(layout.agents)):
+            if hs.prefill_rank != self.rank:
+                continue
+            dst_item = layout.agents[hs.decode_rank].regions[0].item_bytes
+            runs = slice_write_runs(hs, self.item_bytes, dst_item, self.head_bytes, self.num_kv_regions,
+                                    src_slots, dst_slots)
+            out.append((hs.decode_rank, [WriteRun(*r) for r in runs]))
+        return out
+
+    def start(self, xfer_id: int, key: str, src_slots: list[int], dst_slots: list[int],
+              extra: tuple[int, list[WriteRun]] | None = None) -> None:
+        """Queue this rank's writes of a room (extra: rank 0's metadata row, to one decode rank)."""
+        peer = self.peers.get(key)
+        jobs: list[QueuedWrite] = []
+        if peer is None:  # never registered here: this rank fails the room (the poll agreement fails it on all)
+            job = QueuedWrite(key, [], 0, state=TransferState.FAILED, error="decode peer unknown on this rank")
+            self.writes[xfer_id] = [job]
+            return
+        per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots))
+        if extra is not None:
+            per_rank.setdefault(extra[0], []).extend(extra[1])
+        for d, runs in per_rank.items():
+            jobs.append(self.queues.write(peer.layout.agents[d].agent_name, runs))
+        self.writes[xfer_id] = jobs
+
+    def state(self, xfer_id: int) -> TransferState:
+        jobs = self.writes.get(xfer_id)
+        if jobs is None:
+            return TransferState.FAILED
+        states = [j.state for j in jobs]
+        if any(s is TransferState.FAILED for s in states):
+            return TransferState.FAILED
+        return TransferState.TRANSFERRING if any(s is TransferState.TRANSFERRING for s in states) else TransferState.SUCCESS
+
+    def abandon(self, xfer_id: int) -> None:
+        """Stop a write; its state turns FAILED once the backend stopped reading this rank's KV."""
+        for job in self.writes.get(xfer_id, []):
+            self.queues.release(job)
+
+    def release(self, xfer_id: int) -> None:
+        for job in self.writes.pop(xfer_id, []):
+            self.queues.release(job)
+
+    def poll(self, abandon_ids: list[int], xfer_ids: list[int], release_ids: list[int],
+             all_reduce_min=None) -> list[TransferState]:
+        """One poll round (every rank runs it with the same ids): the agreed states of xfer_ids."""
+        for i in abandon_ids:
+            self.abandon(i)
+        states = [self.state(i) for i in xfer_ids]
+        if all_reduce_min is not None:
+            states = agree(states, all_reduce_min)
+        for i in release_ids:
+            self.release(i)
+        return states
+
+    def close(self) -> None:
+        self.queues.close()
+        self.transfer.close()
+
+
+def agree(states: list[TransferState], all_reduce_min) -> list[TransferState]:
+    """The ranks' common view: each write's lowest state over the ranks (all_reduce_min: a tensor, in place)."""
+    if not states:
+        return []
+    codes = torch.tensor([STATE_CODE[s] for s in states], dtype=torch.int64)
+    all_reduce_min(codes)
+    return [CODE_STATE[int(c)] for c in codes.tolist()]
+
+
+class RankCallHandler:
+    """A TP rank > 0's side of RankCall commands (built by the TP worker of a prefill server)."""
+
+    def __init__(self, rank_transfer: RankTransfer, all_reduce_min):
+        self.xfer = rank_transfer
+        self.all_reduce_min = all_reduce_min
+
+    def __call__(self, payload: bytes) -> None:
+        cmd = _decode_command(payload)
+        if isinstance(cmd, AddPeer):
+            try:
+                self.xfer.add_peer(cmd.layout)
+            except Exception:  # noqa: BLE001 - the peer stays unusable here: its rooms fail by agreement
+                logger.exception("cannot load decode peer %s", cmd.layout.key)
+                self.xfer.peers.pop(cmd.layout.key, None)
+        elif isinstance(cmd, RemovePeer):
+            self.xfer.remove_peer(cmd.key)
+        elif isinstance(cmd, StartWrite):
+            self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots)
+        elif isinstance(cmd, PollWrites):
+            self.xfer.poll(cmd.abandon_ids, cmd.xfer_ids, cmd.release_ids, self.all_reduce_min)
+        elif isinstance(cmd, Register):
+            from pdserve.disagg.bootstrap import register_rank
+
+            register_rank(cmd.bootstrap_host, cmd.bootstrap_port, self.xfer.rank_info(cmd.rank_port, cmd.server_id),
+                          cmd.auth_token)
+
+
+def attach_tp_rank(config: EngineConfig, rank: int, runner, group) -> RankCallHandler:
+    """A PD server's TP rank > 0: register its KV pool with a transfer engine, hand its agent to rank 0 (gather),
+    and return the handler of rank 0's RankCall commands (a decode rank gets none: its memory is written into)."""
+    xfer = RankTransfer(config, rank, runner.kv, runner.model.full_arch.num_kv_heads)
+    group.gather_bytes(msgspec.msgpack.encode(xfer.local_info()))
+    return RankCallHandler(xfer, group.all_reduce_min_cpu)
