@@ -60,7 +60,9 @@ class EngineClient:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=run_engine_process, args=(config, self.resolved, child, log_level),
-                                 daemon=True, name=_process_name(config))
+                                 # TP: the engine starts the other ranks (a daemon cannot); it exits with the front's
+                                 # pipe either way (EOF in its loop)
+                                 daemon=config.tp_size == 1, name=_process_name(config))
         self._proc.start()
         child.close()
         self.ready: EngineReady | None = None
