@@ -62,16 +62,22 @@ def _url(host: str, port: int) -> str:
 
 def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
     py = sys.executable
-    common = ["--host", args.host, "--max-total-tokens", str(args.max_total_tokens)]
+    common = ["--host", args.host, "--max-total-tokens", str(args.max_total_tokens), "--page-size",
+              str(args.page_size)]
     if args.model_path:
         common += ["--model-path", args.model_path]
     cpus = sorted(os.sched_getaffinity(0))
     children: list[Child] = []
     service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
 
-    def server(name: str, extra: list[str], cpu: list[int]) -> Child:
+    def server(name: str, extra: list[str], cpu: list[int], tp: int = 1, dp: int = 1) -> Child:
         port = free_port(args.host)
-        cmd = [py, "-m", "pdserve.launch_server", "--port", str(port), "--num-threads", str(len(cpu)), *common, *extra]
+        threads = max(1, len(cpu) // (tp * dp))  # per rank
+        cmd = [py, "-m", "pdserve.launch_server", "--port", str(port), "--num-threads", str(threads), *common, *extra]
+        if tp > 1:
+            cmd += ["--tp-size", str(tp)]
+        if dp > 1:
+            cmd += ["--dp-size", str(dp)]
         return Child(name, cmd, _url(args.host, port), "/health_generate", os.path.join(log_dir, f"{name}.log"), cpu)
 
     if args.unified:
@@ -83,7 +89,8 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         for i in range(args.prefill):
             bp = free_port(args.host)
             c = server(f"prefill-{i}", ["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
-                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i])
+                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i],
+                       args.prefill_tp, args.prefill_dp or args.dp)
             children.append(c)
             router_flags += ["--prefill", c.url, str(bp)]
         # Decode engines run on the decode cores with no HTTP front or router beside them: the fronts and the
@@ -94,7 +101,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
             service_cpus = sorted(pre_set)
         for i in range(args.decode):
             extra = ["--disaggregation-mode", "decode", "--disaggregation-transfer-backend", args.transfer_backend]
-            c = server(f"decode-{i}", extra, dec_cpus[i])
+            c = server(f"decode-{i}", extra, dec_cpus[i], args.decode_tp, args.decode_dp or args.dp)
             if service_cpus:
                 c.cmd += ["--engine-cpus", ",".join(map(str, dec_cpus[i]))]
                 c.cpus, c.engine_cpus = service_cpus, dec_cpus[i]
@@ -199,6 +206,12 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="the router's port (the endpoint)")
     p.add_argument("--policy", default=None, help="router policy (random, round_robin, power_of_two, cache_aware)")
     p.add_argument("--max-total-tokens", type=int, default=16384)
+    p.add_argument("--prefill-tp", type=int, default=1, help="tensor parallel ranks of each prefill server")
+    p.add_argument("--decode-tp", type=int, default=1, help="tensor parallel ranks of each decode server")
+    p.add_argument("--dp", type=int, default=1, help="data parallel replicas of each PD server")
+    p.add_argument("--prefill-dp", type=int, default=None, help="overrides --dp for prefill servers")
+    p.add_argument("--decode-dp", type=int, default=None, help="overrides --dp for decode servers")
+    p.add_argument("--page-size", type=int, default=1, help="KV page size in tokens (prefill and decode agree)")
     p.add_argument("--chunked-prefill-size", type=int, default=512, help="unified server only")
     p.add_argument("--log-dir", default=None, help="default: ./logs/up-<time>")
 
