@@ -100,7 +100,9 @@ def stop_server(server: ServerProcess) -> None:
     server.proc.wait(timeout=10)
 
 
-def _serve(request: pytest.FixtureRequest, args: Sequence[str], api_key: str | None = None) -> Iterator[ServerProcess]:
+def serve_for_module(request: pytest.FixtureRequest, args: Sequence[str],
+                     api_key: str | None = None) -> Iterator[ServerProcess]:
+    """A started server for a fixture; its log is printed when a test using it failed."""
     server = start_server(args, api_key=api_key)
     failed_before = request.session.testsfailed
     try:
@@ -115,13 +117,13 @@ def _serve(request: pytest.FixtureRequest, args: Sequence[str], api_key: str | N
 @pytest.fixture(scope="session")
 def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """The default model with default flags (radix cache on)."""
-    yield from _serve(request, ["--num-threads", "1"])
+    yield from serve_for_module(request, ["--num-threads", "1"])
 
 
 @pytest.fixture(scope="session")
 def secured_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     """--api-key and --served-model-name; radix cache off so that freed KV shows exactly in /get_load."""
-    yield from _serve(
+    yield from serve_for_module(
         request, ["--num-threads", "1", "--served-model-name", SERVED_MODEL_NAME, "--disable-radix-cache"],
         api_key=API_KEY,
     )

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import os
-import sys
 
 import httpx
 import pytest
@@ -25,7 +23,7 @@ from pdserve.sampling_params import SamplingParams
 from pdserve.server.args import parse_serve_args
 from pdserve.server.errors import BadRequestError
 from pdserve.server.protocol import parse_chat, parse_completion, parse_generate
-from tests.conftest import start_server, stop_server
+from tests.conftest import serve_for_module
 
 
 def _req(rid: str = "r", routed: int | None = None, room: int | None = None) -> GenerateRequest:
@@ -160,15 +158,7 @@ def test_a_failed_replica_fails_the_start_and_stops_the_others():
 # ---- a real server with two replicas ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dp_server(request: pytest.FixtureRequest):
-    server = start_server(["--dp-size", "2", "--num-threads", "1", "--max-total-tokens", "2048"])
-    failed_before = request.session.testsfailed
-    try:
-        yield server
-    finally:
-        stop_server(server)
-        if request.session.testsfailed > failed_before:
-            print(f"\n----- server log -----\n{server.log()[-20000:]}", file=sys.stderr)
-        os.unlink(server.log_path)
+    yield from serve_for_module(request, ["--dp-size", "2", "--num-threads", "1", "--max-total-tokens", "2048"])
 
 
 def test_two_replicas_behind_one_server(dp_server):

@@ -69,17 +69,8 @@ def test_page_size_one_is_the_slot_allocator():
 
 
 # ---- radix cache -----------------------------------------------------------------------------------------
-def _nodes(tree: RadixCache):
-    stack = [tree.root]
-    while stack:
-        n = stack.pop()
-        stack.extend(n.children.values())
-        if n is not tree.root:
-            yield n
-
-
 def assert_tree_in_pages(tree: RadixCache) -> None:
-    for node in _nodes(tree):
+    for node in tree.nodes():
         assert len(node.key) == len(node.slots) and len(node.key) % P == 0 and node.key
         assert_whole_pages(node.slots)
         assert node.parent.children[tuple(node.key[:P])] is node

@@ -28,6 +28,7 @@ from tests.pd_helpers import pd_post, start_decode, start_prefill
 from tests.test_transfer_backends import _backend_missing
 
 NUM_LAYERS, NUM_SLOTS, HEAD_DIM = 2, 48, 16
+STAGE_SLOTS = 16
 SRC_SLOTS = [0, 1, 2, 3, 9, 17, 18, 19, 20, 40, 5, 47]
 DST_SLOTS = [10, 11, 12, 13, 4, 30, 31, 32, 33, 46, 1, 2]
 
@@ -43,12 +44,13 @@ def _rank_kv(num_kv_heads: int, tp: int, rank: int, fill: bool) -> SimpleNamespa
 
     heads = kv_heads_of_rank(num_kv_heads, tp, rank)
     full = _global_kv(num_kv_heads)
-    pools = [(t[:, heads.start:heads.stop].clone() if fill else torch.zeros(NUM_SLOTS, len(heads), HEAD_DIM))
+    stage = torch.zeros(STAGE_SLOTS, len(heads), HEAD_DIM)  # free slots past the KV (a prefill lends them)
+    pools = [(torch.cat([t[:, heads.start:heads.stop], stage]) if fill else torch.zeros(NUM_SLOTS, len(heads), HEAD_DIM))
              for t in full]
     return SimpleNamespace(k=pools[0::2], v=pools[1::2])
 
 
-def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int) -> None:
+def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int, staged: bool = False) -> None:
     """One server's TP ranks in one process: prefill ranks write, decode ranks hold and report their pools."""
     try:
         from pdserve.disagg.rank_transfer import DecodeLayout, RankTransfer
@@ -66,7 +68,8 @@ def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int) -> None:
             layout = DecodeLayout("decode-0", agents, num_kv_heads, HEAD_DIM * 4)
             for x in ranks:
                 x.add_peer(layout)
-                x.start(1, "decode-0", SRC_SLOTS, DST_SLOTS)
+                stage = NUM_SLOTS if staged and x.needs_staging(layout) else None  # prefill TP < decode TP
+                x.start(1, "decode-0", SRC_SLOTS, DST_SLOTS, stage_start=stage)
             deadline = time.monotonic() + 30
             while any(x.state(1) is TransferState.TRANSFERRING for x in ranks) and time.monotonic() < deadline:
                 time.sleep(0.002)
@@ -78,11 +81,13 @@ def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int) -> None:
         conn.send(("error", traceback.format_exc()))
 
 
-@pytest.mark.parametrize("backend,num_kv_heads,prefill_tp,decode_tp", [
-    ("nixl", 4, 1, 2), ("nixl", 4, 2, 1), ("nixl", 4, 2, 4), ("nixl", 2, 4, 1), ("nixl", 4, 1, 8),
-    ("mooncake", 4, 1, 2), ("mooncake", 4, 4, 2), ("mooncake", 3, 3, 1),
+@pytest.mark.parametrize("backend,num_kv_heads,prefill_tp,decode_tp,staged", [
+    ("nixl", 4, 1, 2, False), ("nixl", 4, 1, 2, True), ("nixl", 4, 2, 1, False), ("nixl", 4, 2, 4, True),
+    ("nixl", 2, 4, 1, False), ("nixl", 4, 1, 8, True), ("nixl", 3, 1, 3, True),
+    ("mooncake", 4, 1, 2, True), ("mooncake", 4, 4, 2, False), ("mooncake", 3, 3, 1, False),
 ])
-def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, prefill_tp, decode_tp):
+def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, prefill_tp, decode_tp, staged):
+    """staged: prefill TP < decode TP sends each decode rank's heads as one range from a staged copy."""
     missing = _backend_missing(backend)
     if missing:
         pytest.skip(missing)
@@ -91,7 +96,7 @@ def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, p
     procs = []
     for role, tp in (("decode", decode_tp), ("prefill", prefill_tp)):
         mine, theirs = ctx.Pipe()
-        procs.append(ctx.Process(target=_side, args=(theirs, role, backend, num_kv_heads, tp), daemon=True))
+        procs.append(ctx.Process(target=_side, args=(theirs, role, backend, num_kv_heads, tp, staged), daemon=True))
         procs[-1].start()
         ends[role] = mine
     try:

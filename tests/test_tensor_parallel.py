@@ -19,7 +19,7 @@ from pdserve.engine.engine import Engine
 from pdserve.model.llama import LlamaForCausalLM, ShardReader
 from pdserve.model.loader import resolve_model
 from pdserve.sampling_params import SamplingParams
-from tests.conftest import free_port, spawn, start_server, stop_server, wait_ok
+from tests.conftest import free_port, spawn, start_server, stop_server
 from tests.engine_helpers import PROMPTS, build_tiny_model, hf_greedy
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)

@@ -341,9 +341,12 @@ class PrefillEngine:
         rb = self.link.meta.row_bytes
         meta_run = (0, [WriteRun(self.link.meta_region, row * rb, st.meta_row * rb, rb)])  # to decode rank 0
         xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
+        stage_start = self._lend_stage(st, n)
         try:
-            self.xfer.start(xfer_id, st.peer, req.slots[:n], list(st.dst_slots), extra=meta_run)
-            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, req.slots[:n], list(st.dst_slots))))
+            self.xfer.start(xfer_id, st.peer, req.slots[:n], list(st.dst_slots), extra=meta_run,
+                            stage_start=stage_start)
+            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, req.slots[:n], list(st.dst_slots),
+                                                          stage_start)))
             st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
@@ -353,6 +356,7 @@ class PrefillEngine:
         except Exception as e:  # backend refused: fail the room, release normally
             logger.exception("transfer start failed")
             self.xfer.release(xfer_id)
+            self._return_stage(st)
             self.link.meta.free(row)
             return self._refuse(req, f"KV transfer failed to start: {e}")
         self.transferring[req.rid] = req
@@ -383,6 +387,7 @@ class PrefillEngine:
         for req, state in done:
             st: RoomState = req.disagg
             del self.transferring[req.rid]
+            self._return_stage(st)
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
@@ -399,6 +404,28 @@ class PrefillEngine:
                 self.engine.scheduler.kv.release(req)
                 outs.append(self._finish_room(req, reason))
         return outs
+
+    def _lend_stage(self, st: RoomState, num_tokens: int) -> int | None:
+        """Prefill TP < decode TP: n free contiguous slots of the pool (the same on every rank) to stage the heads
+        each decode rank takes as one range (rank_transfer.stage_kv), held until every rank's write ended. None:
+        no staging needed, or no contiguous room free (the heads then go slot by slot)."""
+        peer = self.xfer.peers.get(st.peer or "")
+        if peer is None or not self.xfer.needs_staging(peer.layout):
+            return None
+        allocator = self.engine.scheduler.kv.allocator
+        got = allocator.alloc(num_tokens)
+        if got is None:
+            return None
+        if got[num_tokens - 1] - got[0] != num_tokens - 1:  # not one run
+            allocator.free(got)
+            return None
+        st.extra["stage"] = got
+        return got[0]
+
+    def _return_stage(self, st: RoomState) -> None:
+        got = st.extra.pop("stage", None)
+        if got is not None:
+            self.engine.scheduler.kv.allocator.free(got)
 
     def _refuse(self, req: Request, reason: str) -> bool:
         """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""

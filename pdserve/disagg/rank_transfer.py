@@ -19,11 +19,12 @@ import msgspec
 import torch
 
 from pdserve.config import EngineConfig
-from pdserve.disagg.kv_slicing import head_slices, slice_write_runs
-from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferState, WriteRun, create_transfer_engine
+from pdserve.disagg.kv_slicing import HeadSlice, head_slices, slice_write_runs
+from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferState, WriteRun, create_transfer_engine, slot_runs
 from pdserve.disagg.messages import RankInfo
 from pdserve.disagg.transfer_queues import QueuedWrite, TransferQueues
 from pdserve.envs import ENVS
+from pdserve.model.tp_layout import num_local_kv_heads
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class StartWrite(msgspec.Struct, tag=True):
     key: str  # decode peer
     src_slots: list[int]
     dst_slots: list[int]
+    stage_start: int | None = None  # first of len(src_slots) free contiguous slots lent for a staged copy
 
 
 class PollWrites(msgspec.Struct, tag=True):
@@ -97,6 +99,7 @@ class RankTransfer:
         if meta is not None:
             regions.append(meta)
         self.regions = regions
+        self.pools = [t for k, v in zip(kv.k, kv.v) for t in (k, v)]  # region order
         self.config, self.rank, self.tp_size, self.num_kv_heads = config, rank, config.tp_size, num_kv_heads
         self.agent_name = f"{config.disaggregation_mode}-{uuid.uuid4().hex[:12]}-tp{rank}"
         self.transfer = create_transfer_engine(config.transfer_backend, self.agent_name, config.host, regions,
@@ -144,20 +147,49 @@ class RankTransfer:
             self.transfer.remove_peer(name)
 
     # ---- writes ------------------------------------------------------------------------------------------
-    def kv_runs(self, layout: DecodeLayout, src_slots: list[int], dst_slots: list[int]) -> list[tuple[int, list[WriteRun]]]:
-        """(decode rank, runs) for every decode rank this rank sends heads to."""
+    def kv_runs(self, layout: DecodeLayout, src_slots: list[int], dst_slots: list[int],
+                stage_start: int | None = None) -> list[tuple[int, list[WriteRun]]]:
+        """(decode rank, runs) for every decode rank this rank sends heads to. stage_start: first of len(src_slots)
+        free contiguous slots of this pool holding the staged copy (stage_kv), used by slices that are part of a
+        source slot and whole destination slots."""
         out = []
+        num_slots = len(src_slots)
         for hs in head_slices(self.num_kv_heads, self.tp_size, len(layout.agents)):
             if hs.prefill_rank != self.rank:
                 continue
             dst_item = layout.agents[hs.decode_rank].regions[0].item_bytes
-            runs = slice_write_runs(hs, self.item_bytes, dst_item, self.head_bytes, self.num_kv_regions,
-                                    src_slots, dst_slots)
+            if stage_start is not None and stageable(hs, self.item_bytes, dst_item, self.head_bytes):
+                group_start = stage_start * self.item_bytes + hs.src_head_offset * num_slots * self.head_bytes
+                runs = [(region, group_start + s * dst_item, d * dst_item, count * dst_item)
+                        for region in range(self.num_kv_regions)
+                        for s, d, count in slot_runs(list(range(num_slots)), list(dst_slots))]
+            else:
+                runs = slice_write_runs(hs, self.item_bytes, dst_item, self.head_bytes, self.num_kv_regions,
+                                        src_slots, dst_slots)
             out.append((hs.decode_rank, [WriteRun(*r) for r in runs]))
         return out
 
+    def needs_staging(self, layout: DecodeLayout) -> bool:
+        """Whether this rank sends part of each source slot to whole destination slots (prefill TP < decode TP):
+        then a staged copy turns one run per slot into one run per contiguous destination range."""
+        return any(hs.prefill_rank == self.rank and stageable(hs, self.item_bytes, layout.agents[hs.decode_rank]
+                                                              .regions[0].item_bytes, self.head_bytes)
+                   for hs in head_slices(self.num_kv_heads, self.tp_size, len(layout.agents)))
+
+    def stage_kv(self, src_slots: list[int], stage_start: int, heads_per_group: int) -> None:
+        """Copy src_slots' KV into slots [stage_start, stage_start + n) of every region, regrouped as
+        [local_heads / heads_per_group, n, heads_per_group, head_dim]: each destination rank's heads of all n tokens
+        become one contiguous range, token-major as the destination holds them."""
+        num_slots = len(src_slots)
+        index = torch.tensor(src_slots, dtype=torch.long, device=self.pools[0].device)
+        for pool in self.pools:  # [slots, local_heads, head_dim]
+            x = pool.index_select(0, index)  # [n, L, D]
+            _, num_local, head_dim = x.shape
+            grouped = x.view(num_slots, num_local // heads_per_group, heads_per_group, head_dim).transpose(0, 1)
+            pool[stage_start : stage_start + num_slots].copy_(grouped.reshape(num_slots, num_local, head_dim))
+
     def start(self, xfer_id: int, key: str, src_slots: list[int], dst_slots: list[int],
-              extra: tuple[int, list[WriteRun]] | None = None) -> None:
+              extra: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None) -> None:
         """Queue this rank's writes of a room (extra: rank 0's metadata row, to one decode rank)."""
         peer = self.peers.get(key)
         jobs: list[QueuedWrite] = []
@@ -165,7 +197,13 @@ class RankTransfer:
             job = QueuedWrite(key, [], 0, state=TransferState.FAILED, error="decode peer unknown on this rank")
             self.writes[xfer_id] = [job]
             return
-        per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots))
+        if stage_start is not None:
+            if self.needs_staging(peer.layout):
+                dst_heads = num_local_kv_heads(self.num_kv_heads, len(peer.layout.agents))
+                self.stage_kv(src_slots, stage_start, dst_heads)
+            else:
+                stage_start = None
+        per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots, stage_start))
         if extra is not None:
             per_rank.setdefault(extra[0], []).extend(extra[1])
         for d, runs in per_rank.items():
@@ -207,6 +245,11 @@ class RankTransfer:
         self.transfer.close()
 
 
+def stageable(hs: HeadSlice, src_item_bytes: int, dst_item_bytes: int, head_bytes: int) -> bool:
+    """A slice that is part of each source slot and fills each destination slot."""
+    return hs.dst_head_offset == 0 and hs.num_heads * head_bytes == dst_item_bytes < src_item_bytes
+
+
 def agree(states: list[TransferState], all_reduce_min) -> list[TransferState]:
     """The ranks' common view: each write's lowest state over the ranks (all_reduce_min: a tensor, in place)."""
     if not states:
@@ -234,7 +277,7 @@ class RankCallHandler:
         elif isinstance(cmd, RemovePeer):
             self.xfer.remove_peer(cmd.key)
         elif isinstance(cmd, StartWrite):
-            self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots)
+            self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots, stage_start=cmd.stage_start)
         elif isinstance(cmd, PollWrites):
             self.xfer.poll(cmd.abandon_ids, cmd.xfer_ids, cmd.release_ids, self.all_reduce_min)
         elif isinstance(cmd, Register):

@@ -12,7 +12,7 @@ from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.sampler import Sampler, token_logprob
 from pdserve.engine.forward_batch import ForwardBatch, InputLogprobSpec, SeqScoring
 from pdserve.engine.scheduler import SampledToken
-from pdserve.engine.tp_worker import RunForward, TensorRanks
+from pdserve.engine.tp_worker import RunForward, TensorRanks, TensorRanksFailed
 from pdserve.model.llama import AttnMetadata, KVCache, LlamaForCausalLM, PrefillSegment
 from pdserve.model.parallel import TPGroup
 
@@ -73,9 +73,14 @@ class ModelRunner:
     def run(self, batch: ForwardBatch, scoring: list[SeqScoring],
             overrides: list[tuple[int, object]] | None = None) -> list[SampledToken | None]:
         """Rank 0: the forward (every TP rank runs it too), then sampling and prompt scoring."""
-        if self.tp_link is not None:
-            self.tp_link.send(RunForward(batch))
-        return self._sample(scoring, self.forward(batch, overrides))
+        if self.tp_link is None:
+            return self._sample(scoring, self.forward(batch, overrides))
+        self.tp_link.send(RunForward(batch))
+        try:
+            logits = self.forward(batch, overrides)
+        except Exception as e:  # the other ranks may wait in a collective this rank never reaches: fatal
+            raise TensorRanksFailed(f"forward failed on rank 0: {type(e).__name__}: {e}") from e
+        return self._sample(scoring, logits)
 
     def forward(self, batch: ForwardBatch, overrides: list[tuple[int, object]] | None = None) -> torch.Tensor | None:
         """Logits [len(batch.logit_rows), V] (None on TP ranks other than 0)."""

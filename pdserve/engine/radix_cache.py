@@ -132,7 +132,7 @@ class RadixCache:
 
     def evict(self, num_tokens: int) -> int:
         """Free at least num_tokens slots from unlocked leaves, LRU first. Returns slots freed."""
-        leaves = [(n.last_access, n.id, n) for n in self._nodes() if not n.children and n.lock_ref == 0]
+        leaves = [(n.last_access, n.id, n) for n in self.nodes() if not n.children and n.lock_ref == 0]
         heapq.heapify(leaves)
         freed = 0
         while freed < num_tokens and leaves:
@@ -151,7 +151,8 @@ class RadixCache:
         """Drop every unlocked entry (flush_cache). Returns slots freed."""
         return self.evict(self.num_cached_tokens)
 
-    def _nodes(self):
+    def nodes(self):
+        """Every node but the root."""
         stack = [self.root]
         while stack:
             n = stack.pop()

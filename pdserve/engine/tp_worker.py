@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import uuid
 from dataclasses import replace
 from typing import Union
 
@@ -24,6 +25,7 @@ import torch
 from pdserve.config import EngineConfig, is_loopback
 from pdserve.engine.forward_batch import ForwardBatch
 from pdserve.model.parallel import COLLECTIVE_TIMEOUT_S, TPGroup, free_local_addr
+from pdserve.model.shm_allreduce import shm_allreduce_supported
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class TensorRanksFailed(RuntimeError):
 
 class Init(msgspec.Struct, tag=True):
     num_slots: int  # KV pool size every rank allocates (rank 0's choice)
+    shm_name: str | None = None  # the shared-memory all-reduce segment (ranks of one machine, CPU)
 
 
 class RunForward(msgspec.Struct, tag=True):
@@ -64,8 +67,8 @@ _decoder = msgspec.msgpack.Decoder(TPCommand)
 class TensorRanks:
     """Rank 0's handle on the other ranks: starts this node's, sends commands."""
 
-    def __init__(self, group: TPGroup, procs: list[mp.Process]):
-        self.group, self.procs = group, procs
+    def __init__(self, group: TPGroup, procs: list[mp.Process], shm_name: str | None):
+        self.group, self.procs, self.shm_name = group, procs, shm_name
         self._last_sent = time.monotonic()
 
     @classmethod
@@ -82,11 +85,15 @@ class TensorRanks:
             for p in procs:
                 p.kill()
             raise RuntimeError(f"tensor-parallel ranks did not join at {init_addr}: {e}") from None
-        return cls(group, procs)
+        shm_name = None
+        if device.type == "cpu" and config.nnodes == 1 and shm_allreduce_supported():
+            shm_name = f"pdserve-tp-{uuid.uuid4().hex[:16]}"
+            group.use_shm(shm_name, True, lambda: all(p.is_alive() for p in procs))
+        return cls(group, procs, shm_name)
 
     def ready(self, num_slots: int) -> None:
         """Rank 0's model is loaded: size every rank's pool, wait until every rank loaded its shard."""
-        self.send(Init(num_slots))
+        self.send(Init(num_slots, self.shm_name))
         try:
             torch.distributed.barrier(group=self.group.cpu_group)
         except Exception as e:
@@ -158,6 +165,9 @@ def run_tp_worker(config: EngineConfig, hf_dir: str, rank: int, log_level: str) 
         init = _decoder.decode(group.broadcast_bytes(None))
         if not isinstance(init, Init):
             raise RuntimeError(f"expected Init, got {type(init).__name__}")
+        if init.shm_name is not None:  # rank 0 is this process's parent on this machine
+            parent = os.getppid()
+            group.use_shm(init.shm_name, False, lambda: os.getppid() == parent)
         runner = ModelRunner(config, hf_dir, (), tp_group=group, num_slots=init.num_slots)
         torch.distributed.barrier(group=group.cpu_group)
         on_call = None
@@ -176,7 +186,9 @@ def run_tp_worker(config: EngineConfig, hf_dir: str, rank: int, log_level: str) 
     except Exception as e:  # noqa: BLE001 - the group is broken (rank 0 gone or failed): exit
         logger.error("tensor-parallel rank %d stops: %s: %s", rank, type(e).__name__, e)
         os._exit(1)
-    group.close()
+    if on_call is not None:
+        on_call.xfer.close()
+    os._exit(0)  # rank 0 tears the group down; gloo's threads need no orderly exit here
 
 
 def serve_node(config: EngineConfig, hf_dir: str) -> int:

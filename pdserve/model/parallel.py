@@ -20,12 +20,14 @@ import socket
 import torch
 import torch.distributed as dist
 
+from pdserve.model.shm_allreduce import ShmAllReduce
 from pdserve.model.tp_layout import check_tp
 
 logger = logging.getLogger(__name__)
 
 # A collective waits at most this long for the other ranks (a dead rank fails the step, not the process).
 COLLECTIVE_TIMEOUT_S = 120.0
+SHM_CAPACITY_BYTES = 4 << 20  # per rank and buffer: a 512-token chunk of a 2048-wide fp32 model; larger: gloo
 
 
 def free_local_addr(host: str = "127.0.0.1") -> str:
@@ -46,9 +48,16 @@ class TPGroup:
                                 timeout=timeout)
         # Commands (bytes) and small CPU control tensors always go over gloo.
         self.cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+        self.shm: ShmAllReduce | None = None  # same-machine CPU ranks: all-reduce through shared memory
+
+    def use_shm(self, name: str, create: bool, peers_alive) -> None:
+        self.shm = ShmAllReduce(name, self.rank, self.size, SHM_CAPACITY_BYTES, create, peers_alive,
+                                COLLECTIVE_TIMEOUT_S)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place."""
+        """Sum x over the ranks, in place (the same path on every rank: it depends only on x's size)."""
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_reduce(x)
         dist.all_reduce(x)
         return x
 
@@ -88,6 +97,9 @@ class TPGroup:
         return [p[: int(n.item())].numpy().tobytes() for p, n in zip(parts, sizes)]
 
     def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
