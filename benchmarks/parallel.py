@@ -149,12 +149,23 @@ def _xfer_side(conn, role: str, tp: int, num_tokens: int, repeats: int) -> None:
     config = EngineConfig(disaggregation_mode=role, transfer_backend="nixl", tp_size=tp)
     ranks = []
     for r in range(tp):
-        num_slots = 2 * num_tokens + 1 if role == "prefill" else num_tokens + 1  # prefill: room to stage
+        num_slots = 2 * num_tokens + 1  # room to stage
         pools = [torch.full((num_slots, local, HEAD_DIM), float(r), dtype=torch.float32) for _ in range(2 * LAYERS)]
         ranks.append(RankTransfer(config, r, SimpleNamespace(k=pools[0::2], v=pools[1::2]), KV_HEADS))
         ranks[-1].pools = pools  # keep the memory alive
     if role == "decode":
         conn.send([msgspec.msgpack.encode(x.local_info()) for x in ranks])
+        prefill_tp = conn.recv()
+        src_heads = num_local_kv_heads(KV_HEADS, prefill_tp)
+        unstage_ms = []
+        if src_heads < local:  # prefill TP > decode TP: the KV lands in lent slots and is regrouped here
+            slots = list(range(1, num_tokens + 1))
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for x in ranks:
+                    x.unstage(slots, num_tokens + 1, src_heads)
+                unstage_ms.append(1e3 * (time.perf_counter() - t0))
+        conn.send(statistics.median(unstage_ms) if unstage_ms else 0.0)
     else:
         agents = tuple(msgspec.msgpack.decode(b, type=AgentInfo) for b in conn.recv())
         layout = DecodeLayout("decode-0", agents, KV_HEADS, HEAD_DIM * 4)
@@ -164,9 +175,9 @@ def _xfer_side(conn, role: str, tp: int, num_tokens: int, repeats: int) -> None:
         times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            for x in ranks:  # prefill TP < decode TP: each rank stages the heads per decode rank (as a prefill does)
+            for x in ranks:  # mismatched TP: staged on the prefill (P < D) or into the decode's lent slots (P > D)
                 stage = num_tokens + 1 if x.needs_staging(layout) else None
-                x.start(i, "decode-0", slots, slots, stage_start=stage)
+                x.start(i, "decode-0", slots, slots, stage_start=stage, dst_stage_start=num_tokens + 1)
             while any(x.state(i) is TransferState.TRANSFERRING for x in ranks):
                 time.sleep(0.0002)
             times.append(time.perf_counter() - t0)
@@ -189,14 +200,17 @@ def transfer_row(prefill_tp: int, decode_tp: int, num_tokens: int, repeats: int 
         ends[role] = mine
     ends["prefill"].send(ends["decode"].recv())
     times = ends["prefill"].recv()
+    ends["decode"].send(prefill_tp)
+    unstage_ms = ends["decode"].recv()
     for end in ends.values():
         end.send("exit")
     for p in procs:
         p.join(30)
     total_bytes = num_tokens * 2 * LAYERS * KV_HEADS * HEAD_DIM * 4
     t = statistics.median(times)
+    total = t + unstage_ms / 1e3
     return {"prefill_tp": prefill_tp, "decode_tp": decode_tp, "tokens": num_tokens, "ms": 1e3 * t,
-            "gb_s": total_bytes / t / 1e9}
+            "unstage_ms": unstage_ms, "gb_s": total_bytes / total / 1e9}
 
 
 def main() -> None:
@@ -232,10 +246,10 @@ def main() -> None:
         rows = [transfer_row(p, d, args.tokens) for p, d in pairs]
         print(f"\nKV transfer, nixl, {args.tokens} tokens x {LAYERS} layers x K,V x {KV_HEADS} heads x {HEAD_DIM} "
               f"x fp32 = {args.tokens * 2 * LAYERS * KV_HEADS * HEAD_DIM * 4 / 1e6:.1f} MB")
-        print("| prefill TP -> decode TP | ms (median of 5) | GB/s |")
-        print("|---|---:|---:|")
+        print("| prefill TP -> decode TP | write ms (median of 5) | decode regroup ms | GB/s (write + regroup) |")
+        print("|---|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['prefill_tp']} -> {r['decode_tp']} | {r['ms']:.1f} | {r['gb_s']:.2f} |")
+            print(f"| {r['prefill_tp']} -> {r['decode_tp']} | {r['ms']:.1f} | {r['unstage_ms']:.1f} | {r['gb_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pdserve.model.loader import resolve_model
 from pdserve.sampling_params import SamplingParams
 from tests.conftest import stop_server
 from tests.engine_helpers import build_tiny_model
-from tests.pd_helpers import pd_post, start_decode, start_prefill
+from tests.pd_helpers import load, pd_post, start_decode, start_prefill
 from tests.test_transfer_backends import _backend_missing
 
 NUM_LAYERS, NUM_SLOTS, HEAD_DIM = 2, 48, 16
@@ -45,31 +45,37 @@ def _rank_kv(num_kv_heads: int, tp: int, rank: int, fill: bool) -> SimpleNamespa
     heads = kv_heads_of_rank(num_kv_heads, tp, rank)
     full = _global_kv(num_kv_heads)
     stage = torch.zeros(STAGE_SLOTS, len(heads), HEAD_DIM)  # free slots past the KV (a prefill lends them)
-    pools = [(torch.cat([t[:, heads.start:heads.stop], stage]) if fill else torch.zeros(NUM_SLOTS, len(heads), HEAD_DIM))
+    pools = [torch.cat([t[:, heads.start:heads.stop] if fill else torch.zeros_like(t[:, heads.start:heads.stop]), stage])
              for t in full]
     return SimpleNamespace(k=pools[0::2], v=pools[1::2])
 
 
-def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int, staged: bool = False) -> None:
+def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int, staged: bool, peer_tp: int) -> None:
     """One server's TP ranks in one process: prefill ranks write, decode ranks hold and report their pools."""
     try:
         from pdserve.disagg.rank_transfer import DecodeLayout, RankTransfer
         from pdserve.disagg.transfer import AgentInfo, TransferState
+        from pdserve.model.tp_layout import num_local_kv_heads
 
         config = EngineConfig(disaggregation_mode=role, transfer_backend=backend, tp_size=tp)
         kvs = [_rank_kv(num_kv_heads, tp, r, fill=role == "prefill") for r in range(tp)]
         ranks = [RankTransfer(config, r, kvs[r], num_kv_heads) for r in range(tp)]
+        src_heads = num_local_kv_heads(num_kv_heads, peer_tp)
+        dst_staged = staged and src_heads < num_local_kv_heads(num_kv_heads, tp)  # prefill TP > decode TP
         if role == "decode":
             conn.send([msgspec.msgpack.encode(x.local_info()) for x in ranks])
             conn.recv()  # the prefill finished
-            conn.send([[t.clone() for t in kv.k + kv.v] for kv in kvs])  # regions K0 K1 V0 V1 per rank
+            for x in ranks if dst_staged else []:
+                x.unstage(DST_SLOTS, NUM_SLOTS, src_heads)
+            conn.send([[t[:NUM_SLOTS].clone() for t in kv.k + kv.v] for kv in kvs])  # K0 K1 V0 V1 per rank
         else:
             agents = tuple(msgspec.msgpack.decode(b, type=AgentInfo) for b in conn.recv())
             layout = DecodeLayout("decode-0", agents, num_kv_heads, HEAD_DIM * 4)
             for x in ranks:
                 x.add_peer(layout)
                 stage = NUM_SLOTS if staged and x.needs_staging(layout) else None  # prefill TP < decode TP
-                x.start(1, "decode-0", SRC_SLOTS, DST_SLOTS, stage_start=stage)
+                dst_stage = NUM_SLOTS if staged and not x.needs_staging(layout) else None
+                x.start(1, "decode-0", SRC_SLOTS, DST_SLOTS, stage_start=stage, dst_stage_start=dst_stage)
             deadline = time.monotonic() + 30
             while any(x.state(1) is TransferState.TRANSFERRING for x in ranks) and time.monotonic() < deadline:
                 time.sleep(0.002)
@@ -82,21 +88,24 @@ def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int, staged: boo
 
 
 @pytest.mark.parametrize("backend,num_kv_heads,prefill_tp,decode_tp,staged", [
-    ("nixl", 4, 1, 2, False), ("nixl", 4, 1, 2, True), ("nixl", 4, 2, 1, False), ("nixl", 4, 2, 4, True),
-    ("nixl", 2, 4, 1, False), ("nixl", 4, 1, 8, True), ("nixl", 3, 1, 3, True),
-    ("mooncake", 4, 1, 2, True), ("mooncake", 4, 4, 2, False), ("mooncake", 3, 3, 1, False),
+    ("nixl", 4, 1, 2, False), ("nixl", 4, 1, 2, True), ("nixl", 4, 2, 1, False), ("nixl", 4, 2, 1, True),
+    ("nixl", 4, 2, 4, True), ("nixl", 2, 4, 1, False), ("nixl", 2, 4, 1, True), ("nixl", 4, 1, 8, True),
+    ("nixl", 3, 1, 3, True), ("nixl", 3, 3, 1, True), ("nixl", 4, 8, 2, True),
+    ("mooncake", 4, 1, 2, True), ("mooncake", 4, 4, 2, False), ("mooncake", 4, 4, 2, True), ("mooncake", 3, 3, 1, False),
 ])
 def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, prefill_tp, decode_tp, staged):
-    """staged: prefill TP < decode TP sends each decode rank's heads as one range from a staged copy."""
+    """staged: prefill TP < decode TP sends each decode rank's heads as one range from a staged copy on the prefill;
+    prefill TP > decode TP writes whole slots into slots the decode lent, regrouped there (unstage)."""
     missing = _backend_missing(backend)
     if missing:
         pytest.skip(missing)
     ctx = mp.get_context("spawn")
     ends = {}
     procs = []
-    for role, tp in (("decode", decode_tp), ("prefill", prefill_tp)):
+    for role, tp, peer_tp in (("decode", decode_tp, prefill_tp), ("prefill", prefill_tp, decode_tp)):
         mine, theirs = ctx.Pipe()
-        procs.append(ctx.Process(target=_side, args=(theirs, role, backend, num_kv_heads, tp, staged), daemon=True))
+        procs.append(ctx.Process(target=_side, args=(theirs, role, backend, num_kv_heads, tp, staged, peer_tp),
+                                 daemon=True))
         procs[-1].start()
         ends[role] = mine
     try:
@@ -149,7 +158,8 @@ def _unified(path: str) -> list[list[int]]:
 
 
 def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: list[str],
-                rooms: list[int] | None = None) -> list[list[int]]:
+                rooms: list[int] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Greedy outputs of the prompts through a prefill and a decode, and how many transfers each side staged."""
     common = ["--model-path", path, "--max-total-tokens", "2048"]
     prefill = start_prefill(backend, common + prefill_args)
     decode = None
@@ -161,7 +171,8 @@ def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: l
             rp, rd = pd_post(prefill, decode, "/generate", {"input_ids": ids, "sampling_params": GREEDY}, room)
             assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
             outs.append(rd.json()["output_ids"])
-        return outs
+        staged = [load(prefill.server).get("kv_transfers_staged"), load(decode).get("kv_transfers_staged")]
+        return outs, staged
     finally:
         stop_server(prefill.server)
         if decode is not None:
@@ -175,21 +186,24 @@ def test_pd_across_tp_sizes_gives_unified_greedy_output(tiny8, backend, prefill_
     if _backend_missing(backend):
         pytest.skip(_backend_missing(backend))
     page = ["--page-size", str(page_size)]
-    outs = _pd_outputs(tiny8, backend, ["--tp", str(prefill_tp), *page], ["--tp", str(decode_tp), *page])
+    outs, staged = _pd_outputs(tiny8, backend, ["--tp", str(prefill_tp), *page], ["--tp", str(decode_tp), *page])
     assert outs == _unified(tiny8)
+    # Mismatched TP moves each decode rank's heads as ranges: staged by the smaller-TP side's peer
+    n = len(PROMPT_IDS)
+    assert staged == [n if prefill_tp < decode_tp else 0, n if prefill_tp > decode_tp else 0]
 
 
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 3), (3, 1)])
 def test_smollm2_pd_1_to_3_and_3_to_1(prefill_tp, decode_tp):
     path = resolve_model(None).hf_dir
-    outs = _pd_outputs(path, "nixl", ["--tp", str(prefill_tp)], ["--tp", str(decode_tp), "--page-size", "1"])
+    outs, _ = _pd_outputs(path, "nixl", ["--tp", str(prefill_tp)], ["--tp", str(decode_tp), "--page-size", "1"])
     assert outs == _unified(path)
 
 
 def test_dp_2_on_both_sides_follows_the_room(tiny8):
     """A room goes to prefill dp rank room % 2 (the prefill's front) and the decode looks it up there: requests
     of both parities meet their KV (a wrong guess would time out)."""
-    outs = _pd_outputs(tiny8, "nixl", ["--dp", "2"], ["--dp", "2"], rooms=[10, 11, 12, 13])
+    outs, _ = _pd_outputs(tiny8, "nixl", ["--dp", "2"], ["--dp", "2"], rooms=[10, 11, 12, 13])
     assert outs == _unified(tiny8) * 2
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import lookup_instance, lookup_rank
-from pdserve.disagg.kv_slicing import prefill_ranks_for_decode
+from pdserve.disagg.kv_slicing import num_local_kv_heads, prefill_ranks_for_decode
+from pdserve.disagg.rank_transfer import Unstage, encode_command
 from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, PrefillLayout, RankInfo, TransferDone
 from pdserve.disagg.transfer import TransferState
@@ -92,6 +93,7 @@ class DecodeEngine:
         self.transferring: dict[int, Request] = {}  # room -> request whose KV is on its way
         self.rooms: dict[int, Request] = {}  # every live PD request not yet running
         self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
+        self.num_staged = 0  # transfers received into lent slots (prefill TP > decode TP)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -150,7 +152,8 @@ class DecodeEngine:
         from dataclasses import replace
 
         extra = {**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
-                 "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values())}
+                 "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values()),
+                 "kv_transfers_staged": self.num_staged}
         return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
                        num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra)
 
@@ -275,15 +278,44 @@ class DecodeEngine:
                 if row is not None:
                     self.link.meta.free(row)
                 break
+            stage_start = self._lend_stage(st, peer, n)
             # The request holds whole pages; the destination is the first n slots of them (the prompt's).
             st.dst_slots, st.meta_row, st.nonce = tuple(req.slots[:n]), row, secrets.randbits(63) | 1
             st.state = TransferState.TRANSFERRING
             st.extra["dp"] = st.room % len(peer.ctrl_addrs)  # SGLang's follow_bootstrap_room
             self.prealloc.remove(req)
             self.transferring[st.room] = req
-            self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(st.room, self.link.agent_name,
-                                                                               st.dst_slots, row, n, st.nonce))
+            self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(
+                st.room, self.link.agent_name, st.dst_slots, row, n, st.nonce, stage_start))
         return []
+
+    def _lend_stage(self, st: RoomState, peer: PrefillPeer, num_tokens: int) -> int | None:
+        """Prefill TP > decode TP: n free contiguous slots (the same on every decode rank) where the prefill ranks
+        write their whole slots, regrouped here on arrival (rank_transfer.unstage): one run per range instead of
+        one per slot. None: not needed, or no contiguous room (the heads then come slot by slot)."""
+        prefill_heads = num_local_kv_heads(self.link.num_kv_heads, peer.ranks[0][0].attn_tp_size)
+        if prefill_heads >= num_local_kv_heads(self.link.num_kv_heads, self.config.tp_size):
+            return None
+        allocator = self.engine.scheduler.kv.allocator
+        got = allocator.alloc(num_tokens)
+        if got is None:
+            return None
+        if got[num_tokens - 1] - got[0] != num_tokens - 1:
+            allocator.free(got)
+            return None
+        st.extra["stage"], st.extra["src_heads"] = got, prefill_heads
+        self.num_staged += 1
+        return got[0]
+
+    def _unstage(self, st: RoomState) -> None:
+        """The KV arrived staged: regroup it into the request's slots on every rank, return the lent slots."""
+        got = st.extra.pop("stage", None)
+        if got is None:
+            return
+        cmd = Unstage(list(st.dst_slots), got[0], st.extra["src_heads"])
+        self.link.xfer.unstage(cmd.dst_slots, cmd.stage_start, cmd.src_heads)
+        self.link.rank_call(encode_command(cmd))
+        self.engine.scheduler.kv.allocator.free(got)
 
     def _handle_control(self) -> list[RequestOutput]:
         outs = []
@@ -327,6 +359,7 @@ class DecodeEngine:
                               prefill_done=True)
         del self.transferring[st.room]
         del self.rooms[st.room]
+        self._unstage(st)
         meta.free(st.meta_row)
         st.meta_row = None
         st.state = TransferState.SUCCESS
@@ -367,14 +400,17 @@ class DecodeEngine:
             peer = self.peers.get(st.peer or "")
             if sent and not prefill_done:
                 server_id = peer.ranks[0][0].server_id if peer is not None and peer.ranks is not None else ""
+                held_slots = self.engine.scheduler.kv.detach(req) + st.extra.pop("stage", [])
                 self.quarantine[(st.room, st.nonce)] = Quarantined(
-                    st.room, st.nonce, self.engine.scheduler.kv.detach(req), st.meta_row, now() + QUARANTINE_TTL_S,
-                    st.peer or "", server_id)
+                    st.room, st.nonce, held_slots, st.meta_row, now() + QUARANTINE_TTL_S, st.peer or "", server_id)
                 st.meta_row = None
                 self._send_peer(st, AbortRoom(st.room, reason, st.nonce, self.link.agent_name))
-            elif st.meta_row is not None:
-                self.link.meta.free(st.meta_row)
-                st.meta_row = None
+            else:
+                if st.meta_row is not None:
+                    self.link.meta.free(st.meta_row)
+                    st.meta_row = None
+                if "stage" in st.extra:
+                    self.engine.scheduler.kv.allocator.free(st.extra.pop("stage"))
         return self.link.fail(req, reason)
 
     def _release(self, held: Quarantined) -> None:

@@ -86,6 +86,9 @@ class KVDestination(WireMessage, frozen=True):
     meta_row: NonNegative
     prompt_len: NonNegative
     nonce: NonNegative
+    # Prefill TP > decode TP: the first of prompt_len contiguous slots lent in every decode rank's pool, where
+    # each prefill rank writes its whole slots (grouped by head offset); the decode regroups them on arrival.
+    stage_start: NonNegative | None = None
 
 
 class TransferDone(WireMessage, frozen=True):

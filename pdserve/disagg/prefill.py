@@ -66,6 +66,7 @@ class PrefillEngine:
         self.xfer = self.link.xfer  # this rank's writes; the other TP ranks follow through RankCall commands
         self._next_xfer_id = 1
         self._abandon: list[int] = []  # writes to stop, told to every rank at the next poll
+        self.num_staged = 0  # transfers sent from a staged copy (prefill TP < decode TP)
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
@@ -152,7 +153,8 @@ class PrefillEngine:
         r = self.engine.load()
         from dataclasses import replace
 
-        return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values())})
+        return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
+                                 "kv_transfers_staged": self.num_staged})
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
@@ -277,6 +279,7 @@ class PrefillEngine:
             self.bootstrapping[st.room] = req
             return
         st.dst_slots, st.meta_row = dest.dst_slots, dest.meta_row
+        st.extra["dst_stage"] = dest.stage_start
         st.state = TransferState.WAITING_FOR_INPUT
         st.deadline = now() + ENVS.disagg_waiting_timeout_s
         self.waiting_input[st.room] = req
@@ -285,7 +288,9 @@ class PrefillEngine:
     def _fits(self, agent: AgentInfo, dest: KVDestination) -> bool:
         """Every slot and the metadata row inside the regions the decode registered."""
         kv, meta = agent.regions[0], agent.regions[self.link.meta_region]
-        return ((not dest.dst_slots or max(dest.dst_slots) < kv.nbytes // max(kv.item_bytes, 1))
+        num_slots = kv.nbytes // max(kv.item_bytes, 1)
+        stage_end = 0 if dest.stage_start is None else dest.stage_start + dest.prompt_len
+        return ((not dest.dst_slots or max(dest.dst_slots) < num_slots) and stage_end <= num_slots
                 and dest.meta_row < meta.nbytes // max(meta.item_bytes, 1))
 
     def _expire_waiting_input(self) -> list[RequestOutput]:
@@ -343,10 +348,11 @@ class PrefillEngine:
         xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
         stage_start = self._lend_stage(st, n)
         try:
+            dst_stage = st.extra.get("dst_stage")
             self.xfer.start(xfer_id, st.peer, req.slots[:n], list(st.dst_slots), extra=meta_run,
-                            stage_start=stage_start)
+                            stage_start=stage_start, dst_stage_start=dst_stage)
             self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, req.slots[:n], list(st.dst_slots),
-                                                          stage_start)))
+                                                          stage_start, dst_stage)))
             st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
@@ -420,6 +426,7 @@ class PrefillEngine:
             allocator.free(got)
             return None
         st.extra["stage"] = got
+        self.num_staged += 1
         return got[0]
 
     def _return_stage(self, st: RoomState) -> None:

@@ -55,6 +55,15 @@ class StartWrite(msgspec.Struct, tag=True):
     src_slots: list[int]
     dst_slots: list[int]
     stage_start: int | None = None  # first of len(src_slots) free contiguous slots lent for a staged copy
+    dst_stage_start: int | None = None  # the decode's lent slots (KVDestination.stage_start)
+
+
+class Unstage(msgspec.Struct, tag=True):
+    """Decode ranks: regroup a room's staged KV (written by prefill ranks of a larger TP) into its slots."""
+
+    dst_slots: list[int]
+    stage_start: int
+    src_heads: int  # heads per prefill rank's slot (the group size)
 
 
 class PollWrites(msgspec.Struct, tag=True):
@@ -73,7 +82,7 @@ class Register(msgspec.Struct, tag=True):
     auth_token: Annotated[str, msgspec.Meta(max_length=4096)] | None
 
 
-RankCommand = Union[AddPeer, RemovePeer, StartWrite, PollWrites, Register]
+RankCommand = Union[AddPeer, RemovePeer, StartWrite, PollWrites, Register, Unstage]
 encode_command = msgspec.msgpack.Encoder().encode
 _decode_command = msgspec.msgpack.Decoder(RankCommand).decode
 
@@ -148,10 +157,11 @@ class RankTransfer:
 
     # ---- writes ------------------------------------------------------------------------------------------
     def kv_runs(self, layout: DecodeLayout, src_slots: list[int], dst_slots: list[int],
-                stage_start: int | None = None) -> list[tuple[int, list[WriteRun]]]:
+                stage_start: int | None = None, dst_stage_start: int | None = None) -> list[tuple[int, list[WriteRun]]]:
         """(decode rank, runs) for every decode rank this rank sends heads to. stage_start: first of len(src_slots)
         free contiguous slots of this pool holding the staged copy (stage_kv), used by slices that are part of a
-        source slot and whole destination slots."""
+        source slot and whole destination slots. dst_stage_start: the decode's lent slots, for slices that are
+        whole source slots and part of a destination slot (written grouped by head offset, see unstage)."""
         out = []
         num_slots = len(src_slots)
         for hs in head_slices(self.num_kv_heads, self.tp_size, len(layout.agents)):
@@ -163,6 +173,13 @@ class RankTransfer:
                 runs = [(region, group_start + s * dst_item, d * dst_item, count * dst_item)
                         for region in range(self.num_kv_regions)
                         for s, d, count in slot_runs(list(range(num_slots)), list(dst_slots))]
+            elif dst_stage_start is not None and stageable(hs, dst_item, self.item_bytes, self.head_bytes,
+                                                           dst_side=True):
+                group_start = dst_stage_start * dst_item + hs.dst_head_offset * num_slots * self.head_bytes
+                src_item = self.item_bytes
+                runs = [(region, s * src_item, group_start + i * src_item, count * src_item)
+                        for region in range(self.num_kv_regions)
+                        for s, i, count in slot_runs(list(src_slots), list(range(num_slots)))]
             else:
                 runs = slice_write_runs(hs, self.item_bytes, dst_item, self.head_bytes, self.num_kv_regions,
                                         src_slots, dst_slots)
@@ -188,8 +205,21 @@ class RankTransfer:
             grouped = x.view(num_slots, num_local // heads_per_group, heads_per_group, head_dim).transpose(0, 1)
             pool[stage_start : stage_start + num_slots].copy_(grouped.reshape(num_slots, num_local, head_dim))
 
+    def unstage(self, dst_slots: list[int], stage_start: int, src_heads: int) -> None:
+        """Decode rank: slots [stage_start, +n) hold [local_heads / src_heads, n, src_heads, head_dim] (each prefill
+        rank's whole slots, by head offset); put them token-major into dst_slots."""
+        num_slots = len(dst_slots)
+        index = torch.tensor(dst_slots, dtype=torch.long, device=self.pools[0].device)
+        for pool in self.pools:  # [slots, local_heads, head_dim]
+            _, num_local, head_dim = pool.shape
+            staged = pool[stage_start : stage_start + num_slots].reshape(num_local // src_heads, num_slots, src_heads,
+                                                                         head_dim)
+            regrouped = staged.transpose(0, 1).reshape(num_slots, num_local, head_dim).clone()  # may be a view
+            pool.index_copy_(0, index, regrouped)
+
     def start(self, xfer_id: int, key: str, src_slots: list[int], dst_slots: list[int],
-              extra: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None) -> None:
+              extra: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None,
+              dst_stage_start: int | None = None) -> None:
         """Queue this rank's writes of a room (extra: rank 0's metadata row, to one decode rank)."""
         peer = self.peers.get(key)
         jobs: list[QueuedWrite] = []
@@ -203,7 +233,7 @@ class RankTransfer:
                 self.stage_kv(src_slots, stage_start, dst_heads)
             else:
                 stage_start = None
-        per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots, stage_start))
+        per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots, stage_start, dst_stage_start))
         if extra is not None:
             per_rank.setdefault(extra[0], []).extend(extra[1])
         for d, runs in per_rank.items():
@@ -245,9 +275,12 @@ class RankTransfer:
         self.transfer.close()
 
 
-def stageable(hs: HeadSlice, src_item_bytes: int, dst_item_bytes: int, head_bytes: int) -> bool:
-    """A slice that is part of each source slot and fills each destination slot."""
-    return hs.dst_head_offset == 0 and hs.num_heads * head_bytes == dst_item_bytes < src_item_bytes
+def stageable(hs: HeadSlice, src_item_bytes: int, dst_item_bytes: int, head_bytes: int, dst_side: bool = False) -> bool:
+    """A slice that is part of each source slot and fills each destination slot (staged by the prefill); with
+    dst_side, the arguments swapped: one that fills each source slot and is part of each destination slot
+    (staged by the decode; call it as stageable(hs, dst_item, src_item, ...))."""
+    offset = hs.src_head_offset if dst_side else hs.dst_head_offset
+    return offset == 0 and hs.num_heads * head_bytes == dst_item_bytes < src_item_bytes
 
 
 def agree(states: list[TransferState], all_reduce_min) -> list[TransferState]:
@@ -277,7 +310,10 @@ class RankCallHandler:
         elif isinstance(cmd, RemovePeer):
             self.xfer.remove_peer(cmd.key)
         elif isinstance(cmd, StartWrite):
-            self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots, stage_start=cmd.stage_start)
+            self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots, stage_start=cmd.stage_start,
+                            dst_stage_start=cmd.dst_stage_start)
+        elif isinstance(cmd, Unstage):
+            self.xfer.unstage(cmd.dst_slots, cmd.stage_start, cmd.src_heads)
         elif isinstance(cmd, PollWrites):
             self.xfer.poll(cmd.abandon_ids, cmd.xfer_ids, cmd.release_ids, self.all_reduce_min)
         elif isinstance(cmd, Register):
