@@ -139,6 +139,29 @@ def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, p
                 p.kill()
 
 
+def test_write_states_agree_across_ranks():
+    """A write is as far as its slowest rank: one rank's failure fails the room on every rank (MIN of codes)."""
+    from pdserve.disagg.rank_transfer import STATE_CODE, agree
+    from pdserve.disagg.transfer import TransferState as S
+
+    other_rank = [S.SUCCESS, S.FAILED, S.TRANSFERRING, S.SUCCESS]
+
+    def all_reduce_min(codes: torch.Tensor) -> None:  # two ranks: this one and other_rank
+        codes.copy_(torch.minimum(codes, torch.tensor([STATE_CODE[s] for s in other_rank])))
+
+    assert agree([S.SUCCESS, S.SUCCESS, S.SUCCESS, S.FAILED], all_reduce_min) == [
+        S.SUCCESS, S.FAILED, S.TRANSFERRING, S.FAILED]
+    assert agree([], all_reduce_min) == []
+
+
+def test_a_paged_destination_names_pages():
+    from pdserve.disagg.messages import KVDestination
+
+    dest = KVDestination(1, "decode-0", (), 0, 5, 7, None, 4, (3, 9))
+    assert dest.slots() == (12, 13, 14, 15, 36)
+    assert KVDestination(1, "decode-0", (5, 6), 0, 2, 7).slots() == (5, 6)
+
+
 # ---- end to end ------------------------------------------------------------------------------------------
 GREEDY = {"max_new_tokens": 8, "temperature": 0}
 PROMPT_IDS = [[1, 422, 3011, 314, 2254, 28], [504, 2988, 314, 42, 216, 34, 32, 33, 11, 198, 7042, 30] * 3]

@@ -128,6 +128,15 @@ def test_plan_gives_decode_engines_cores_of_their_own(monkeypatch, tmp_path):
         assert not any("--engine-cpus" in ch.cmd for ch in c.values()) and c["router"].cpus == []
 
 
+def test_plan_passes_parallel_layouts(monkeypatch, tmp_path):
+    c = _plan(monkeypatch, tmp_path, {0, 1, 2, 3}, "--prefill-tp", "2", "--decode-dp", "2", "--page-size", "16")
+    pre, dec = c["prefill-0"].cmd, c["decode-0"].cmd
+    assert pre[pre.index("--tp-size") + 1] == "2" and "--dp-size" not in pre
+    assert dec[dec.index("--dp-size") + 1] == "2" and "--tp-size" not in dec
+    assert pre[pre.index("--num-threads") + 1] == dec[dec.index("--num-threads") + 1] == "1"  # 2 cores / 2 ranks
+    assert pre[pre.index("--page-size") + 1] == dec[dec.index("--page-size") + 1] == "16"
+
+
 def test_engine_cpus_are_checked():
     with pytest.raises(ValueError, match="engine_cpus"):
         EngineConfig(engine_cpus=(1, 1))

@@ -285,8 +285,11 @@ class DecodeEngine:
             st.extra["dp"] = st.room % len(peer.ctrl_addrs)  # SGLang's follow_bootstrap_room
             self.prealloc.remove(req)
             self.transferring[st.room] = req
+            page = self.config.page_size
+            pages = tuple(req.slots[i] // page for i in range(0, n, page)) if page > 1 else ()
             self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(
-                st.room, self.link.agent_name, st.dst_slots, row, n, st.nonce, stage_start))
+                st.room, self.link.agent_name, () if pages else st.dst_slots, row, n, st.nonce, stage_start, page,
+                pages))
         return []
 
     def _lend_stage(self, st: RoomState, peer: PrefillPeer, num_tokens: int) -> int | None:

@@ -89,6 +89,16 @@ class KVDestination(WireMessage, frozen=True):
     # Prefill TP > decode TP: the first of prompt_len contiguous slots lent in every decode rank's pool, where
     # each prefill rank writes its whole slots (grouped by head offset); the decode regroups them on arrival.
     stage_start: NonNegative | None = None
+    # A paged pool (--page-size > 1) sends the prompt's pages instead of its slots (dst_slots empty).
+    page_size: Size = 1
+    dst_pages: tuple[NonNegative, ...] = ()
+
+    def slots(self) -> tuple[int, ...]:
+        """The destination slot of every prompt token."""
+        if not self.dst_pages:
+            return self.dst_slots
+        size = self.page_size
+        return tuple(page * size + i for page in self.dst_pages for i in range(size))[: self.prompt_len]
 
 
 class TransferDone(WireMessage, frozen=True):

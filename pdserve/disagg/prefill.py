@@ -268,8 +268,11 @@ class PrefillEngine:
             err = "decode peer is not registered with this prefill"
         elif err is None and dest.prompt_len != len(req.prompt_ids):
             err = f"prompt length mismatch (prefill {len(req.prompt_ids)} tokens, decode {dest.prompt_len})"
-        elif err is None and len(dest.dst_slots) != dest.prompt_len:
-            err = f"the destination has {len(dest.dst_slots)} slots for a {dest.prompt_len}-token prompt"
+        elif err is None and dest.dst_pages and dest.page_size != self.engine.config.page_size:
+            err = (f"the destination is in pages of {dest.page_size} tokens, this prefill uses --page-size "
+                   f"{self.engine.config.page_size} (prefill and decode must use the same page size)")
+        elif err is None and len(dest.slots()) != dest.prompt_len:
+            err = f"the destination has {len(dest.slots())} slots for a {dest.prompt_len}-token prompt"
         elif err is None and not self._fits(agent, dest):
             err = "the destination lies outside the decode's registered memory"
         st.peer, st.nonce = dest.decode_agent, dest.nonce
@@ -278,7 +281,7 @@ class PrefillEngine:
             st.extra["fail_now"], st.deadline = err, 0.0
             self.bootstrapping[st.room] = req
             return
-        st.dst_slots, st.meta_row = dest.dst_slots, dest.meta_row
+        st.dst_slots, st.meta_row = dest.slots(), dest.meta_row
         st.extra["dst_stage"] = dest.stage_start
         st.state = TransferState.WAITING_FOR_INPUT
         st.deadline = now() + ENVS.disagg_waiting_timeout_s
@@ -290,7 +293,8 @@ class PrefillEngine:
         kv, meta = agent.regions[0], agent.regions[self.link.meta_region]
         num_slots = kv.nbytes // max(kv.item_bytes, 1)
         stage_end = 0 if dest.stage_start is None else dest.stage_start + dest.prompt_len
-        return ((not dest.dst_slots or max(dest.dst_slots) < num_slots) and stage_end <= num_slots
+        slots = dest.slots()
+        return ((not slots or max(slots) < num_slots) and stage_end <= num_slots
                 and dest.meta_row < meta.nbytes // max(meta.item_bytes, 1))
 
     def _expire_waiting_input(self) -> list[RequestOutput]:
