@@ -178,10 +178,10 @@ def _xfer_side(conn, role: str, tp: int, num_tokens: int, repeats: int) -> None:
             for x in ranks:  # mismatched TP: staged on the prefill (P < D) or into the decode's lent slots (P > D)
                 stage = num_tokens + 1 if x.needs_staging(layout) else None
                 x.start(i, "decode-0", slots, slots, stage_start=stage, dst_stage_start=num_tokens + 1)
-            while any(x.state(i) is TransferState.TRANSFERRING for x in ranks):
+            while any(x.state(i)[0] is TransferState.TRANSFERRING for x in ranks):
                 time.sleep(0.0002)
             times.append(time.perf_counter() - t0)
-            assert all(x.state(i) is TransferState.SUCCESS for x in ranks)
+            assert all(x.state(i)[0] is TransferState.SUCCESS for x in ranks)
             for x in ranks:
                 x.release(i)
         conn.send(times[1:])  # the first is a warm-up

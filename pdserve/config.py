@@ -96,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"tp_size ({self.tp_size}) must be a multiple of nnodes ({self.nnodes})")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and self.dp_size > 1:
+            raise ValueError("--dp-size > 1 with --nnodes > 1 is not supported: run one server per node instead")
         if self.nnodes > 1 and not self.dist_init_addr:
             raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (rank 0's address, the same on every node)")
         if self.dist_init_addr is not None:

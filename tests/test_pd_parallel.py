@@ -77,9 +77,9 @@ def _side(conn, role: str, backend: str, num_kv_heads: int, tp: int, staged: boo
                 dst_stage = NUM_SLOTS if staged and not x.needs_staging(layout) else None
                 x.start(1, "decode-0", SRC_SLOTS, DST_SLOTS, stage_start=stage, dst_stage_start=dst_stage)
             deadline = time.monotonic() + 30
-            while any(x.state(1) is TransferState.TRANSFERRING for x in ranks) and time.monotonic() < deadline:
+            while any(x.state(1)[0] is TransferState.TRANSFERRING for x in ranks) and time.monotonic() < deadline:
                 time.sleep(0.002)
-            conn.send([x.state(1).name for x in ranks])
+            conn.send([x.state(1)[0].name for x in ranks])
         conn.recv()
         for x in ranks:
             x.close()
@@ -140,18 +140,23 @@ def test_head_slices_land_byte_exact_over_real_backends(backend, num_kv_heads, p
 
 
 def test_write_states_agree_across_ranks():
-    """A write is as far as its slowest rank: one rank's failure fails the room on every rank (MIN of codes)."""
-    from pdserve.disagg.rank_transfer import STATE_CODE, agree
+    """A write is as far as its slowest rank: one rank's failure fails the room on every rank (MIN of codes), but
+    only once no rank's write is still in flight (it could still read or write KV that is about to be reused)."""
+    from pdserve.disagg.rank_transfer import agree
     from pdserve.disagg.transfer import TransferState as S
 
-    other_rank = [S.SUCCESS, S.FAILED, S.TRANSFERRING, S.SUCCESS]
+    mine = [(S.SUCCESS, False), (S.SUCCESS, False), (S.SUCCESS, False), (S.FAILED, False), (S.FAILED, False)]
+    other_rank = [(S.SUCCESS, False), (S.FAILED, False), (S.TRANSFERRING, True), (S.TRANSFERRING, True),
+                  (S.FAILED, True)]
+    theirs = torch.tensor([c for c in [{S.FAILED: 0, S.TRANSFERRING: 1, S.SUCCESS: 2}[st] for st, _ in other_rank]]
+                          + [-int(busy) for _, busy in other_rank])
 
     def all_reduce_min(codes: torch.Tensor) -> None:  # two ranks: this one and other_rank
-        codes.copy_(torch.minimum(codes, torch.tensor([STATE_CODE[s] for s in other_rank])))
+        codes.copy_(torch.minimum(codes, theirs))
 
-    assert agree([S.SUCCESS, S.SUCCESS, S.SUCCESS, S.FAILED], all_reduce_min) == [
-        S.SUCCESS, S.FAILED, S.TRANSFERRING, S.FAILED]
-    assert agree([], all_reduce_min) == []
+    assert agree(mine, all_reduce_min) == [(S.SUCCESS, False), (S.FAILED, True), (S.TRANSFERRING, False),
+                                           (S.TRANSFERRING, True), (S.TRANSFERRING, True)]
+    assert agree([(S.FAILED, False)]) == [(S.FAILED, True)] and agree([], all_reduce_min) == []
 
 
 def test_a_paged_destination_names_pages():
@@ -181,8 +186,9 @@ def _unified(path: str) -> list[list[int]]:
 
 
 def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: list[str],
-                rooms: list[int] | None = None) -> tuple[list[list[int]], list[int]]:
-    """Greedy outputs of the prompts through a prefill and a decode, and how many transfers each side staged."""
+                rooms: list[int] | None = None, extra: dict | None = None) -> tuple[list[list[int]], list[int]]:
+    """Greedy outputs of the prompts through a prefill and a decode, and how many transfers each side staged.
+    extra: more body fields (the same on both legs, as a router sends them)."""
     common = ["--model-path", path, "--max-total-tokens", "2048"]
     prefill = start_prefill(backend, common + prefill_args)
     decode = None
@@ -191,7 +197,8 @@ def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: l
         outs = []
         for i, ids in enumerate(PROMPT_IDS * (2 if rooms else 1)):
             room = rooms[i] if rooms else None
-            rp, rd = pd_post(prefill, decode, "/generate", {"input_ids": ids, "sampling_params": GREEDY}, room)
+            body = {"input_ids": ids, "sampling_params": GREEDY, **(extra or {})}
+            rp, rd = pd_post(prefill, decode, "/generate", body, room)
             assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
             outs.append(rd.json()["output_ids"])
         staged = [load(prefill.server).get("kv_transfers_staged"), load(decode).get("kv_transfers_staged")]
@@ -227,6 +234,14 @@ def test_dp_2_on_both_sides_follows_the_room(tiny8):
     """A room goes to prefill dp rank room % 2 (the prefill's front) and the decode looks it up there: requests
     of both parities meet their KV (a wrong guess would time out)."""
     outs, _ = _pd_outputs(tiny8, "nixl", ["--dp", "2"], ["--dp", "2"], rooms=[10, 11, 12, 13])
+    assert outs == _unified(tiny8) * 2
+
+
+def test_dp_ranks_named_by_the_router_override_the_room(tiny8):
+    """SMG names the prefill's dp rank (routed_dp_rank on the prefill, disagg_prefill_dp_rank on the decode): it
+    wins over room % dp_size on both sides (rooms 10 and 12 are even, dp rank 1 is odd)."""
+    outs, _ = _pd_outputs(tiny8, "nixl", ["--dp", "2"], ["--dp", "2"], rooms=[10, 12, 14, 16],
+                          extra={"routed_dp_rank": 1, "disagg_prefill_dp_rank": 1})
     assert outs == _unified(tiny8) * 2
 
 

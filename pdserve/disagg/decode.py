@@ -37,6 +37,7 @@ from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, PrefillLayout, RankInfo, TransferDone
 from pdserve.disagg.transfer import TransferState
 from pdserve.engine.engine import Engine
+from pdserve.engine.tp_worker import TensorRanksFailed
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput, TokenLogprob
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.envs import ENVS
@@ -93,7 +94,7 @@ class DecodeEngine:
         self.transferring: dict[int, Request] = {}  # room -> request whose KV is on its way
         self.rooms: dict[int, Request] = {}  # every live PD request not yet running
         self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
-        self.num_staged = 0  # transfers received into lent slots (prefill TP > decode TP)
+        self.num_staged = 0  # destinations handed out with lent slots (prefill TP > decode TP)
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -123,6 +124,7 @@ class DecodeEngine:
         req.input_logprobs_sent = True  # the prefill answers input logprobs
         key = f"{b.host}:{b.port or self.config.bootstrap_port}"
         req.disagg = RoomState(b.room, TransferState.BOOTSTRAPPING, now() + ENVS.disagg_waiting_timeout_s, peer=key)
+        req.disagg.extra["prefill_dp_rank"] = b.prefill_dp_rank
         self.rooms[b.room] = req
         self.prealloc.append(req)
         if key not in self.peers:
@@ -260,6 +262,7 @@ class DecodeEngine:
 
     # ---- queues ----------------------------------------------------------------------------------------
     def _preallocate(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
         kv = self.engine.scheduler.kv
         sched = self.engine.scheduler
         for req in list(self.prealloc):
@@ -267,11 +270,17 @@ class DecodeEngine:
             peer = self.peers.get(st.peer)
             if peer is None or peer.ranks is None:
                 continue
+            asked = st.extra.get("prefill_dp_rank")
+            if asked is not None and asked >= len(peer.ranks):
+                outs.append(self._fail(req, f"disagg_prefill_dp_rank {asked} is out of range: the prefill at "
+                                            f"{st.peer} has {len(peer.ranks)} dp ranks"))
+                continue
             n = len(req.prompt_ids)
             busy = len(sched.running) + len(self.transferring)
             if len(sched.running) + len(self.transferring) >= self.config.max_running_requests:
                 break
-            if kv.num_available < n + RESERVED_DECODE_TOKENS * (busy + 1):
+            staged = self._prefill_heads(peer) < num_local_kv_heads(self.link.num_kv_heads, self.config.tp_size)
+            if kv.num_available < n * (2 if staged else 1) + RESERVED_DECODE_TOKENS * (busy + 1):
                 break
             row = self.link.meta.alloc()
             if row is None or not kv.grow(req, n):
@@ -282,7 +291,9 @@ class DecodeEngine:
             # The request holds whole pages; the destination is the first n slots of them (the prompt's).
             st.dst_slots, st.meta_row, st.nonce = tuple(req.slots[:n]), row, secrets.randbits(63) | 1
             st.state = TransferState.TRANSFERRING
-            st.extra["dp"] = st.room % len(peer.ctrl_addrs)  # SGLang's follow_bootstrap_room
+            # The router's word (SMG's disagg_prefill_dp_rank), else SGLang's follow_bootstrap_room.
+            asked, num_dp = st.extra.get("prefill_dp_rank"), len(peer.ctrl_addrs)
+            st.extra["dp"] = st.room % num_dp if asked is None else asked
             self.prealloc.remove(req)
             self.transferring[st.room] = req
             page = self.config.page_size
@@ -290,13 +301,13 @@ class DecodeEngine:
             self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(
                 st.room, self.link.agent_name, () if pages else st.dst_slots, row, n, st.nonce, stage_start, page,
                 pages))
-        return []
+        return outs
 
     def _lend_stage(self, st: RoomState, peer: PrefillPeer, num_tokens: int) -> int | None:
         """Prefill TP > decode TP: n free contiguous slots (the same on every decode rank) where the prefill ranks
         write their whole slots, regrouped here on arrival (rank_transfer.unstage): one run per range instead of
         one per slot. None: not needed, or no contiguous room (the heads then come slot by slot)."""
-        prefill_heads = num_local_kv_heads(self.link.num_kv_heads, peer.ranks[0][0].attn_tp_size)
+        prefill_heads = self._prefill_heads(peer)
         if prefill_heads >= num_local_kv_heads(self.link.num_kv_heads, self.config.tp_size):
             return None
         allocator = self.engine.scheduler.kv.allocator
@@ -309,6 +320,10 @@ class DecodeEngine:
         st.extra["stage"], st.extra["src_heads"] = got, prefill_heads
         self.num_staged += 1
         return got[0]
+
+    def _prefill_heads(self, peer: PrefillPeer) -> int:
+        """KV heads in one slot of the prefill's ranks."""
+        return num_local_kv_heads(self.link.num_kv_heads, peer.ranks[0][0].attn_tp_size)
 
     def _unstage(self, st: RoomState) -> None:
         """The KV arrived staged: regroup it into the request's slots on every rank, return the lent slots."""
@@ -325,6 +340,8 @@ class DecodeEngine:
         for msg in self.link.ctrl.recv_all():
             try:  # one message fails at most the room it names, never the engine
                 outs += self._on_message(msg)
+            except TensorRanksFailed:
+                raise  # the engine's TP group is gone: not this message's fault
             except Exception:  # noqa: BLE001
                 logger.exception("control message %s failed", type(msg).__name__)
         return outs
@@ -360,9 +377,9 @@ class DecodeEngine:
             found = "no metadata" if row is None else f"room {row.room}, nonce {row.nonce}"
             return self._fail(req, f"metadata check failed for room {st.room} ({found}): refusing foreign KV",
                               prefill_done=True)
+        self._unstage(st)  # first: if it raises, the room is still tracked (and fails by its deadline)
         del self.transferring[st.room]
         del self.rooms[st.room]
-        self._unstage(st)
         meta.free(st.meta_row)
         st.meta_row = None
         st.state = TransferState.SUCCESS

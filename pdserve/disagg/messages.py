@@ -24,6 +24,7 @@ class BootstrapInfo:
     host: str | None
     port: int | None
     room: int
+    prefill_dp_rank: int | None = None  # SMG's disagg_prefill_dp_rank (a decode: where the prefill has the room)
 
 
 Size = Annotated[int, msgspec.Meta(ge=1, le=4096)]
@@ -94,10 +95,13 @@ class KVDestination(WireMessage, frozen=True):
     dst_pages: tuple[NonNegative, ...] = ()
 
     def slots(self) -> tuple[int, ...]:
-        """The destination slot of every prompt token."""
+        """The destination slot of every prompt token; () when the pages do not cover exactly the prompt (the
+        prefill then refuses the destination: its length differs from prompt_len)."""
         if not self.dst_pages:
             return self.dst_slots
         size = self.page_size
+        if len(self.dst_pages) != -(-self.prompt_len // size):
+            return ()
         return tuple(page * size + i for page in self.dst_pages for i in range(size))[: self.prompt_len]
 
 

@@ -31,7 +31,16 @@ from pdserve.disagg.bootstrap import BootstrapServer, register_rank
 from pdserve.disagg.common import DisaggLink, RoomState, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, TransferDone
 from pdserve.disagg.metadata import MetaRow
-from pdserve.disagg.rank_transfer import AddPeer, DecodeLayout, PollWrites, Register, RemovePeer, StartWrite, encode_command
+from pdserve.disagg.kv_slicing import num_local_kv_heads
+from pdserve.disagg.rank_transfer import (
+    AddPeer,
+    DecodeLayout,
+    PollWrites,
+    Register,
+    RemovePeer,
+    StartWrite,
+    encode_command,
+)
 from pdserve.disagg.transfer import AgentInfo, TransferState, WriteRun
 from pdserve.engine.tp_worker import TensorRanksFailed
 from pdserve.engine.engine import Engine
@@ -170,6 +179,8 @@ class PrefillEngine:
         for msg in self.link.ctrl.recv_all():
             try:  # one message fails at most the peer or room it names, never the engine
                 outs += self._on_message(msg)
+            except TensorRanksFailed:
+                raise  # the engine's TP group is gone: not this message's fault
             except Exception:  # noqa: BLE001
                 logger.exception("control message %s failed", type(msg).__name__)
         self._release_idle_peers()
@@ -220,16 +231,8 @@ class PrefillEngine:
         elif msg.page_size != self.engine.config.page_size:
             reason = (f"decode {name} has --page-size {msg.page_size}, this prefill {self.engine.config.page_size} "
                       "(prefill and decode must use the same page size)")
-        elif (layout.num_kv_heads, layout.head_bytes) != (self.link.num_kv_heads, self.link.head_bytes) or any(
-                len(a.regions) != self.link.num_kv_regions + (1 if i == 0 else 0) for i, a in enumerate(layout.agents)):
-            reason = (f"decode {name} has a different KV layout ({layout.num_kv_heads} KV heads of {layout.head_bytes} "
-                      f"bytes, {len(msg.agent.regions)} regions) from this prefill ({self.link.num_kv_heads} of "
-                      f"{self.link.head_bytes}, {self.link.num_kv_regions + 1}): different models or dtypes?")
         else:
-            try:
-                self.xfer.decode_ranks(layout)  # raises for a TP pair that cannot map
-            except ValueError as e:
-                reason = f"decode {name}: {e}"
+            reason = self._layout_mismatch(name, layout, msg.agent)
         peer = self.peers[name] = DecodePeer(msg.ctrl_addr, now(), refused=reason)
         if reason is not None:
             logger.warning("peer refused: %s", reason)
@@ -237,6 +240,37 @@ class PrefillEngine:
         self.xfer.add_peer(layout, extra_ranks=(0,))  # may raise (bad metadata): the peer stays unusable
         self.link.rank_call(encode_command(AddPeer(layout)))
         peer.agent = msg.agent
+
+    def _layout_mismatch(self, name: str, layout: DecodeLayout, agent: AgentInfo) -> str | None:
+        """Why a decode's registered memory cannot take this prefill's KV (None: it can). Every number here came
+        from the network: the writes are planned from them, so each is checked against this model's layout."""
+        link = self.link
+        if (layout.num_kv_heads, layout.head_bytes) != (link.num_kv_heads, link.head_bytes):
+            return (f"decode {name} has a different KV layout ({layout.num_kv_heads} KV heads of {layout.head_bytes} "
+                    f"bytes) from this prefill ({link.num_kv_heads} of {link.head_bytes}): different models or dtypes?")
+        if layout.agents[0] != agent:
+            return f"decode {name}: its rank 0 agent differs from the one it registers"
+        try:
+            self.xfer.decode_ranks(layout)  # raises for TP sizes that cannot map
+            item_bytes = num_local_kv_heads(link.num_kv_heads, len(layout.agents)) * link.head_bytes
+        except ValueError as e:
+            return f"decode {name}: {e}"
+        num_slots = None
+        for rank, a in enumerate(layout.agents):
+            kv = a.regions[: link.num_kv_regions]
+            if a.backend != link.transfer.name or len(a.regions) != link.num_kv_regions + (1 if rank == 0 else 0):
+                return (f"decode {name} has a different KV layout (rank {rank}: {len(a.regions)} regions of backend "
+                        f"{a.backend!r}; this prefill writes {link.num_kv_regions} KV regions with "
+                        f"{link.transfer.name!r}): different models or dtypes?")
+            if any(r.item_bytes != item_bytes or r.nbytes != kv[0].nbytes for r in kv) or kv[0].nbytes < item_bytes:
+                return (f"decode {name} has a different KV layout (rank {rank}: KV regions are not {item_bytes}-byte "
+                        "slots of one pool size)")
+            num_slots = num_slots or kv[0].nbytes // item_bytes
+            if kv[0].nbytes // item_bytes != num_slots:
+                return f"decode {name}: its TP ranks have pools of different sizes"
+        if agent.regions[link.meta_region].item_bytes != link.meta.row_bytes:
+            return f"decode {name}: its metadata rows are not {link.meta.row_bytes} bytes (a different pdserve?)"
+        return None
 
     def _release_idle_peers(self) -> None:
         t = now()
@@ -271,9 +305,10 @@ class PrefillEngine:
         elif err is None and dest.dst_pages and dest.page_size != self.engine.config.page_size:
             err = (f"the destination is in pages of {dest.page_size} tokens, this prefill uses --page-size "
                    f"{self.engine.config.page_size} (prefill and decode must use the same page size)")
-        elif err is None and len(dest.slots()) != dest.prompt_len:
-            err = f"the destination has {len(dest.slots())} slots for a {dest.prompt_len}-token prompt"
-        elif err is None and not self._fits(agent, dest):
+        slots = dest.slots() if err is None else ()
+        if err is None and len(slots) != dest.prompt_len:
+            err = f"the destination has {len(slots)} slots for a {dest.prompt_len}-token prompt"
+        elif err is None and not self._fits(agent, dest, slots):
             err = "the destination lies outside the decode's registered memory"
         st.peer, st.nonce = dest.decode_agent, dest.nonce
         if err:  # failed by this step's expiry pass
@@ -281,19 +316,18 @@ class PrefillEngine:
             st.extra["fail_now"], st.deadline = err, 0.0
             self.bootstrapping[st.room] = req
             return
-        st.dst_slots, st.meta_row = dest.slots(), dest.meta_row
+        st.dst_slots, st.meta_row = slots, dest.meta_row
         st.extra["dst_stage"] = dest.stage_start
         st.state = TransferState.WAITING_FOR_INPUT
         st.deadline = now() + ENVS.disagg_waiting_timeout_s
         self.waiting_input[st.room] = req
         self.engine.scheduler.add(req)
 
-    def _fits(self, agent: AgentInfo, dest: KVDestination) -> bool:
+    def _fits(self, agent: AgentInfo, dest: KVDestination, slots: tuple[int, ...]) -> bool:
         """Every slot and the metadata row inside the regions the decode registered."""
         kv, meta = agent.regions[0], agent.regions[self.link.meta_region]
         num_slots = kv.nbytes // max(kv.item_bytes, 1)
         stage_end = 0 if dest.stage_start is None else dest.stage_start + dest.prompt_len
-        slots = dest.slots()
         return ((not slots or max(slots) < num_slots) and stage_end <= num_slots
                 and dest.meta_row < meta.nbytes // max(meta.item_bytes, 1))
 
@@ -387,8 +421,15 @@ class PrefillEngine:
         ids = [r.disagg.handle for r in reqs]
         abandon, self._abandon = self._abandon, []
         self.link.rank_call(encode_command(PollWrites(abandon, ids, [])))
-        states = self.xfer.poll(abandon, ids, [], self.link.all_reduce_min())
-        done = [(req, state) for req, state in zip(reqs, states) if state is not TransferState.TRANSFERRING]
+        agreed = self.xfer.poll(abandon, ids, [], self.link.all_reduce_min())
+        done = []
+        for req, (state, failed) in zip(reqs, agreed):
+            st = req.disagg
+            if state is not TransferState.TRANSFERRING:
+                done.append((req, state))
+            elif failed and not st.aborted:  # a rank failed while another still writes: stop it everywhere
+                st.aborted = "KV transfer to the decode server failed"
+                self._abandon.append(st.handle)
         if done:  # forget them on every rank (the KV stays ours until every rank's worker stopped reading)
             released = [req.disagg.handle for req, _ in done]
             self.link.rank_call(encode_command(PollWrites([], [], released)))

@@ -137,8 +137,11 @@ class RankTransfer:
 
     def add_peer(self, layout: DecodeLayout, extra_ranks: tuple[int, ...] = ()) -> None:
         """Load the agents of the decode ranks this rank writes to (rank 0 also its metadata target)."""
-        old = self.peers.pop(layout.key, None)
+        old = self.peers.get(layout.key)
+        if old is not None and old.layout == layout:
+            return  # re-registered unchanged (e.g. after a heartbeat blip): writes in flight keep their agents
         if old is not None:
+            del self.peers[layout.key]
             self._drop(old)
         peer = _Peer(layout, [])
         self.peers[layout.key] = peer
@@ -204,6 +207,7 @@ class RankTransfer:
             _, num_local, head_dim = x.shape
             grouped = x.view(num_slots, num_local // heads_per_group, heads_per_group, head_dim).transpose(0, 1)
             pool[stage_start : stage_start + num_slots].copy_(grouped.reshape(num_slots, num_local, head_dim))
+        _sync(self.pools[0])  # the backend reads this memory directly, outside the device's stream
 
     def unstage(self, dst_slots: list[int], stage_start: int, src_heads: int) -> None:
         """Decode rank: slots [stage_start, +n) hold [local_heads / src_heads, n, src_heads, head_dim] (each prefill
@@ -216,6 +220,7 @@ class RankTransfer:
                                                                          head_dim)
             regrouped = staged.transpose(0, 1).reshape(num_slots, num_local, head_dim).clone()  # may be a view
             pool.index_copy_(0, index, regrouped)
+        _sync(self.pools[0])  # the lent slots are free again once this returns
 
     def start(self, xfer_id: int, key: str, src_slots: list[int], dst_slots: list[int],
               extra: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None,
@@ -224,8 +229,7 @@ class RankTransfer:
         peer = self.peers.get(key)
         jobs: list[QueuedWrite] = []
         if peer is None:  # never registered here: this rank fails the room (the poll agreement fails it on all)
-            job = QueuedWrite(key, [], 0, state=TransferState.FAILED, error="decode peer unknown on this rank")
-            self.writes[xfer_id] = [job]
+            self.fail(xfer_id, key, "decode peer unknown on this rank")
             return
         if stage_start is not None:
             if self.needs_staging(peer.layout):
@@ -240,14 +244,25 @@ class RankTransfer:
             jobs.append(self.queues.write(peer.layout.agents[d].agent_name, runs))
         self.writes[xfer_id] = jobs
 
-    def state(self, xfer_id: int) -> TransferState:
+    def fail(self, xfer_id: int, key: str, error: str) -> None:
+        """Record this rank's write of a room as failed (what it queued already is abandoned)."""
+        self.abandon(xfer_id)
+        self.writes.setdefault(xfer_id, []).append(
+            QueuedWrite(key, [], 0, state=TransferState.FAILED, error=error))
+
+    def state(self, xfer_id: int) -> tuple[TransferState, bool]:
+        """This rank's (state, still in flight) of a write: FAILED as soon as one of its writes failed (the others
+        are abandoned then), but in flight until every one has stopped touching the KV."""
         jobs = self.writes.get(xfer_id)
         if jobs is None:
-            return TransferState.FAILED
-        states = [j.state for j in jobs]
-        if any(s is TransferState.FAILED for s in states):
-            return TransferState.FAILED
-        return TransferState.TRANSFERRING if any(s is TransferState.TRANSFERRING for s in states) else TransferState.SUCCESS
+            return TransferState.FAILED, False
+        failed = any(j.state is TransferState.FAILED for j in jobs)
+        in_flight = any(j.state is TransferState.TRANSFERRING for j in jobs)
+        if failed and in_flight:
+            for job in jobs:
+                self.queues.release(job)  # stop the rest: the room fails anyway
+        return (TransferState.FAILED if failed else TransferState.TRANSFERRING if in_flight
+                else TransferState.SUCCESS), in_flight
 
     def abandon(self, xfer_id: int) -> None:
         """Stop a write; its state turns FAILED once the backend stopped reading this rank's KV."""
@@ -259,20 +274,25 @@ class RankTransfer:
             self.queues.release(job)
 
     def poll(self, abandon_ids: list[int], xfer_ids: list[int], release_ids: list[int],
-             all_reduce_min=None) -> list[TransferState]:
-        """One poll round (every rank runs it with the same ids): the agreed states of xfer_ids."""
+             all_reduce_min=None) -> list[tuple[TransferState, bool]]:
+        """One poll round (every rank runs it with the same ids): per write, the ranks' agreed (state, failed
+        somewhere): TRANSFERRING while any rank's write is still in flight, then FAILED if any rank failed, else
+        SUCCESS. A write that failed somewhere but is still in flight elsewhere should be abandoned everywhere."""
         for i in abandon_ids:
             self.abandon(i)
-        states = [self.state(i) for i in xfer_ids]
-        if all_reduce_min is not None:
-            states = agree(states, all_reduce_min)
+        agreed = agree([self.state(i) for i in xfer_ids], all_reduce_min)
         for i in release_ids:
             self.release(i)
-        return states
+        return agreed
 
     def close(self) -> None:
         self.queues.close()
         self.transfer.close()
+
+
+def _sync(tensor: torch.Tensor) -> None:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
 
 
 def stageable(hs: HeadSlice, src_item_bytes: int, dst_item_bytes: int, head_bytes: int, dst_side: bool = False) -> bool:
@@ -283,13 +303,23 @@ def stageable(hs: HeadSlice, src_item_bytes: int, dst_item_bytes: int, head_byte
     return offset == 0 and hs.num_heads * head_bytes == dst_item_bytes < src_item_bytes
 
 
-def agree(states: list[TransferState], all_reduce_min) -> list[TransferState]:
-    """The ranks' common view: each write's lowest state over the ranks (all_reduce_min: a tensor, in place)."""
-    if not states:
+def agree(local: list[tuple[TransferState, bool]], all_reduce_min=None) -> list[tuple[TransferState, bool]]:
+    """The ranks' common view of each write from every rank's (state, in flight), by one MIN all-reduce over the
+    state codes and the negated in-flight flags (all_reduce_min: in place on a CPU tensor; None: one rank)."""
+    if not local:
         return []
-    codes = torch.tensor([STATE_CODE[s] for s in states], dtype=torch.int64)
-    all_reduce_min(codes)
-    return [CODE_STATE[int(c)] for c in codes.tolist()]
+    codes = torch.tensor([STATE_CODE[st] for st, _ in local] + [-int(busy) for _, busy in local], dtype=torch.int64)
+    if all_reduce_min is not None:
+        all_reduce_min(codes)
+    num = len(local)
+    out = []
+    for code, neg_busy in zip(codes[:num].tolist(), codes[num:].tolist()):
+        failed = CODE_STATE[int(code)] is TransferState.FAILED
+        if neg_busy < 0:  # some rank's write is still touching the KV
+            out.append((TransferState.TRANSFERRING, failed))
+        else:
+            out.append((TransferState.FAILED if failed else TransferState.SUCCESS, failed))
+    return out
 
 
 class RankCallHandler:
@@ -300,13 +330,24 @@ class RankCallHandler:
         self.all_reduce_min = all_reduce_min
 
     def __call__(self, payload: bytes) -> None:
+        """Run one command. Nothing but PollWrites has a collective, and a failure here fails at most the room or
+        peer it names (this rank's write of it turns FAILED), never the rank."""
         cmd = _decode_command(payload)
+        if isinstance(cmd, PollWrites):  # its all-reduce must run on every rank
+            self.xfer.poll(cmd.abandon_ids, cmd.xfer_ids, cmd.release_ids, self.all_reduce_min)
+            return
+        try:
+            self._run(cmd)
+        except Exception:  # noqa: BLE001
+            logger.exception("%s failed on this rank", type(cmd).__name__)
+            if isinstance(cmd, StartWrite):
+                self.xfer.fail(cmd.xfer_id, cmd.key, "this rank could not start its write")
+            elif isinstance(cmd, AddPeer):
+                self.xfer.peers.pop(cmd.layout.key, None)  # its rooms fail here, so everywhere
+
+    def _run(self, cmd) -> None:
         if isinstance(cmd, AddPeer):
-            try:
-                self.xfer.add_peer(cmd.layout)
-            except Exception:  # noqa: BLE001 - the peer stays unusable here: its rooms fail by agreement
-                logger.exception("cannot load decode peer %s", cmd.layout.key)
-                self.xfer.peers.pop(cmd.layout.key, None)
+            self.xfer.add_peer(cmd.layout)
         elif isinstance(cmd, RemovePeer):
             self.xfer.remove_peer(cmd.key)
         elif isinstance(cmd, StartWrite):
@@ -314,8 +355,6 @@ class RankCallHandler:
                             dst_stage_start=cmd.dst_stage_start)
         elif isinstance(cmd, Unstage):
             self.xfer.unstage(cmd.dst_slots, cmd.stage_start, cmd.src_heads)
-        elif isinstance(cmd, PollWrites):
-            self.xfer.poll(cmd.abandon_ids, cmd.xfer_ids, cmd.release_ids, self.all_reduce_min)
         elif isinstance(cmd, Register):
             from pdserve.disagg.bootstrap import register_rank
 

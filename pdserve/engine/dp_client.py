@@ -63,8 +63,30 @@ def replica_configs(config: EngineConfig) -> list[EngineConfig]:
     """One engine config per dp rank."""
     shares = split_engine_cpus(config.engine_cpus, config.dp_size)
     instance = config.instance_id or uuid.uuid4().hex[:16]  # one server: its PD ranks share a server id
-    return [dataclasses.replace(config, dp_rank=rank, engine_cpus=shares[rank], instance_id=instance)
+    return [dataclasses.replace(config, dp_rank=rank, engine_cpus=shares[rank], instance_id=instance,
+                                dist_init_addr=_offset_port(config.dist_init_addr, rank),
+                                model=_replica_device(config, rank))
             for rank in range(config.dp_size)]
+
+
+def _offset_port(addr: str | None, dp_rank: int) -> str | None:
+    """Each replica's TP group has its own rendezvous: --dist-init-addr's port + dp rank."""
+    if addr is None or dp_rank == 0:
+        return addr
+    host, _, port = addr.rpartition(":")
+    return f"{host}:{int(port) + dp_rank}"
+
+
+def _replica_device(config: EngineConfig, dp_rank: int):
+    """On CUDA, replica r's TP ranks take GPUs r * tp .. r * tp + tp - 1 (a CPU replica shares the host)."""
+    model = config.model
+    if config.dp_size == 1 or model.device not in ("auto", "cuda"):
+        return model
+    import torch
+
+    if not torch.cuda.is_available():
+        return model
+    return dataclasses.replace(model, device=f"cuda:{dp_rank * config.tp_size}")
 
 
 class DataParallelClient:

@@ -156,8 +156,8 @@ def run_tp_worker(config: EngineConfig, hf_dir: str, rank: int, log_level: str) 
     from pdserve.engine.model_runner import ModelRunner, pick_device_dtype
 
     device, _ = pick_device_dtype(config.model.device, config.model.dtype)
-    if device.type == "cuda":
-        device = torch.device("cuda", rank % config.ranks_per_node % torch.cuda.device_count())
+    if device.type == "cuda":  # rank 0's GPU + this rank's place on its node
+        device = torch.device("cuda", ((device.index or 0) + rank % config.ranks_per_node) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         config = replace(config, model=replace(config.model, device=str(device)))
     group = TPGroup(rank, config.tp_size, config.dist_init_addr, device)

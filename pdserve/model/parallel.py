@@ -2,7 +2,7 @@
 
 Ranks talk through torch.distributed (gloo on CPU, NCCL on CUDA; a second gloo group carries the command
 stream on CUDA too). Each rank is one process: rank 0 schedules and broadcasts every step as a typed,
-msgspec-encoded command (pdserve/engine/tp_commands.py); the other ranks run the same forward on their shard.
+msgspec-encoded command (pdserve/engine/tp_worker.py); the other ranks run the same forward on their shard.
 
 Cuts (Megatron / SGLang): q/k/v and gate/up are column-parallel (each rank computes its heads / its slice of
 the intermediate size), o and down are row-parallel (partial sums, all-reduced), the embedding and lm_head are

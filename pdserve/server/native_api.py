@@ -35,7 +35,8 @@ class NativeServing:
             rid=item.rid or self.gen.new_rid(), input_ids=ids, sampling=item.sampling,
             return_logprob=item.return_logprob, top_logprobs_num=item.top_logprobs_num,
             logprob_start_len=item.logprob_start_len, stream=stream,
-            bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room), mm=mm,
+            bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room,
+                                     item.disagg_prefill_dp_rank), mm=mm,
             routed_dp_rank=item.routed_dp_rank,
         )
 

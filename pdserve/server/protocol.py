@@ -105,6 +105,7 @@ class GenerateItem:
     bootstrap_room: int | None = None
     image_data: tuple[str, ...] = ()  # images (URL, file path, data URI / base64), in placeholder order
     routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
+    disagg_prefill_dp_rank: int | None = None  # a decode: the prefill dp rank that has the room (SMG)
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ def parse_generate(body: object) -> GenerateReqInput:
     rooms = _per_item(body, "bootstrap_room", n, is_batch, _int_entry(None))
     routed = _per_item(body, "routed_dp_rank", n, is_batch, _int_entry(None))
     native_dp = _per_item(body, "data_parallel_rank", n, is_batch, _int_entry(None))
+    prefill_dp = _per_item(body, "disagg_prefill_dp_rank", n, is_batch, _int_entry(None))
     dp_ranks = [routed_dp_rank(r, d) for r, d in zip(routed, native_dp)]
     images = _image_data(body.get("image_data"))
     if images and is_batch:
@@ -198,6 +200,7 @@ def parse_generate(body: object) -> GenerateReqInput:
             text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
             logprob_start_len=start_len[i], top_logprobs_num=top_num[i], bootstrap_host=hosts[i],
             bootstrap_port=ports[i], bootstrap_room=rooms[i], image_data=images, routed_dp_rank=dp_ranks[i],
+            disagg_prefill_dp_rank=prefill_dp[i],
         )
         for i in range(n)
     ]
@@ -274,7 +277,7 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
     if fmt != "text":
         raise BadRequestError(f"response_format {fmt!r} is not supported", param="response_format")
     bootstrap = bootstrap_info(_get_str(body, "bootstrap_host"), _get_int(body, "bootstrap_port"),
-                               _get_int(body, "bootstrap_room"))
+                               _get_int(body, "bootstrap_room"), _get_int(body, "disagg_prefill_dp_rank"))
     if bootstrap is not None and n > 1:
         raise BadRequestError("n > 1 is not supported with bootstrap_room (PD disaggregation)", param="n")
     dp_rank = routed_dp_rank(_get_int(body, "routed_dp_rank"), _get_int(body, "data_parallel_rank"))
@@ -282,21 +285,25 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
                         body.get("epd"), routed_dp_rank=dp_rank)
 
 
-def bootstrap_info(host: str | None, port: int | None, room: int | None) -> BootstrapInfo | None:
+def bootstrap_info(host: str | None, port: int | None, room: int | None,
+                   prefill_dp_rank: int | None = None) -> BootstrapInfo | None:
     """The PD routing fields of a request, validated (room in [0, 2^63-1])."""
     if room is None:
         return None
+    if prefill_dp_rank is not None and not 0 <= prefill_dp_rank < 4096:
+        raise BadRequestError(f"disagg_prefill_dp_rank must be in [0, 4096), got {prefill_dp_rank}",
+                              param="disagg_prefill_dp_rank")
     if not 0 <= room <= (1 << 63) - 1:
         raise BadRequestError(f"bootstrap_room must be in [0, 2^63-1], got {room}", param="bootstrap_room")
     if port is not None and not 0 < port < 65536:
         raise BadRequestError(f"bootstrap_port must be in 1..65535, got {port}", param="bootstrap_port")
-    return BootstrapInfo(host, port, room)
+    return BootstrapInfo(host, port, room, prefill_dp_rank)
 
 
 def routed_dp_rank(routed: int | None, data_parallel_rank: int | None) -> int | None:
     """The data parallel rank a request names: `routed_dp_rank` (SMG injects it) or SGLang's native
     `data_parallel_rank` (both: they must agree). Whether the server has that rank is checked at dispatch.
-    SMG's `disagg_prefill_dp_rank` (the prefill's rank, for a decode) is accepted and ignored."""
+    SMG's `disagg_prefill_dp_rank` (the prefill's rank, for a decode) goes into BootstrapInfo."""
     for key, v in (("routed_dp_rank", routed), ("data_parallel_rank", data_parallel_rank)):
         if v is not None and v < 0:
             raise BadRequestError(f"{key} must be >= 0, got {v}", param=key)
