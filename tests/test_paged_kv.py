@@ -285,3 +285,16 @@ def test_engine_pages_with_small_chunks_and_preemption(tiny_llama):
     assert [r.output_ids for r in reqs] == ref
     assert sum(r.num_preemptions for r in reqs) > 0
     assert_engine_pool_free(eng)
+
+
+def test_lend_run_gives_one_run_or_nothing():
+    from pdserve.engine.scheduler import KVManager
+
+    kv = KVManager(64, enable_radix=False, page_size=4)
+    got = kv.lend_run(10)
+    assert got is not None and got[:10] == list(range(got[0], got[0] + 10)) and len(got) == 12  # 3 whole pages
+    holes = [kv.allocator.alloc(4) for _ in range(13)]  # the rest, in pages
+    for hole in holes[::2]:
+        kv.free_detached(hole)  # free pages, none adjacent
+    assert kv.lend_run(8) is None and kv.allocator.num_free == 7 * 4  # refused, nothing kept
+    kv.free_detached(got)

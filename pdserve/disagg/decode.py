@@ -310,12 +310,8 @@ class DecodeEngine:
         prefill_heads = self._prefill_heads(peer)
         if prefill_heads >= num_local_kv_heads(self.link.num_kv_heads, self.config.tp_size):
             return None
-        allocator = self.engine.scheduler.kv.allocator
-        got = allocator.alloc(num_tokens)
-        if got is None:
-            return None
-        if got[num_tokens - 1] - got[0] != num_tokens - 1:
-            allocator.free(got)
+        got = self.engine.scheduler.kv.lend_run(num_tokens)
+        if not got:
             return None
         st.extra["stage"], st.extra["src_heads"] = got, prefill_heads
         self.num_staged += 1
@@ -333,7 +329,7 @@ class DecodeEngine:
         cmd = Unstage(list(st.dst_slots), got[0], st.extra["src_heads"])
         self.link.xfer.unstage(cmd.dst_slots, cmd.stage_start, cmd.src_heads)
         self.link.rank_call(encode_command(cmd))
-        self.engine.scheduler.kv.allocator.free(got)
+        self.engine.scheduler.kv.free_detached(got)
 
     def _handle_control(self) -> list[RequestOutput]:
         outs = []
@@ -430,7 +426,7 @@ class DecodeEngine:
                     self.link.meta.free(st.meta_row)
                     st.meta_row = None
                 if "stage" in st.extra:
-                    self.engine.scheduler.kv.allocator.free(st.extra.pop("stage"))
+                    self.engine.scheduler.kv.free_detached(st.extra.pop("stage"))
         return self.link.fail(req, reason)
 
     def _release(self, held: Quarantined) -> None:

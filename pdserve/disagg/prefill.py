@@ -463,12 +463,8 @@ class PrefillEngine:
         peer = self.xfer.peers.get(st.peer or "")
         if peer is None or not self.xfer.needs_staging(peer.layout):
             return None
-        allocator = self.engine.scheduler.kv.allocator
-        got = allocator.alloc(num_tokens)
-        if got is None:
-            return None
-        if got[num_tokens - 1] - got[0] != num_tokens - 1:  # not one run
-            allocator.free(got)
+        got = self.engine.scheduler.kv.lend_run(num_tokens)
+        if not got:
             return None
         st.extra["stage"] = got
         self.num_staged += 1
@@ -477,7 +473,7 @@ class PrefillEngine:
     def _return_stage(self, st: RoomState) -> None:
         got = st.extra.pop("stage", None)
         if got is not None:
-            self.engine.scheduler.kv.allocator.free(got)
+            self.engine.scheduler.kv.free_detached(got)
 
     def _refuse(self, req: Request, reason: str) -> bool:
         """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""

@@ -119,6 +119,17 @@ class KVManager:
         req.slots, req.num_tree_slots, req.cache_node = [], 0, None
         return slots
 
+    def lend_run(self, num_tokens: int) -> list[int] | None:
+        """num_tokens contiguous free slots (whole pages) lent outside any request, e.g. to stage a PD transfer;
+        None when no such run is free (nothing is evicted for it). Return them with free_detached()."""
+        got = self.allocator.alloc(num_tokens)
+        if got is None or num_tokens == 0:
+            return got
+        if got[num_tokens - 1] - got[0] != num_tokens - 1:  # sorted, distinct: one run iff the ends are n-1 apart
+            self.allocator.free(got)
+            return None
+        return got
+
     def free_detached(self, slots: list[int]) -> None:
         self.allocator.free(slots)
 
