@@ -54,23 +54,24 @@ def _check_sizes(num_prefill_ranks: int, num_decode_ranks: int) -> None:
 def prefill_ranks_for_decode(num_prefill_ranks: int, num_decode_ranks: int, decode_rank: int) -> list[int]:
     """Prefill ranks decode rank `decode_rank` receives from (several when prefill TP > decode TP)."""
     _check_sizes(num_prefill_ranks, num_decode_ranks)
-    if not 0 <= decode_rank < num_decode_ranks:
-        raise ValueError(f"decode rank {decode_rank} out of range for decode TP {num_decode_ranks}")
-    if num_decode_ranks >= num_prefill_ranks:
-        return [decode_rank // (num_decode_ranks // num_prefill_ranks)]
-    ratio = num_prefill_ranks // num_decode_ranks
-    return list(range(decode_rank * ratio, (decode_rank + 1) * ratio))
+    return _peer_ranks(num_decode_ranks, num_prefill_ranks, decode_rank, "decode")
 
 
 def decode_ranks_for_prefill(num_prefill_ranks: int, num_decode_ranks: int, prefill_rank: int) -> list[int]:
     """Decode ranks prefill rank `prefill_rank` is mapped to (several when decode TP > prefill TP)."""
     _check_sizes(num_prefill_ranks, num_decode_ranks)
-    if not 0 <= prefill_rank < num_prefill_ranks:
-        raise ValueError(f"prefill rank {prefill_rank} out of range for prefill TP {num_prefill_ranks}")
-    if num_prefill_ranks >= num_decode_ranks:
-        return [prefill_rank // (num_prefill_ranks // num_decode_ranks)]
-    ratio = num_decode_ranks // num_prefill_ranks
-    return list(range(prefill_rank * ratio, (prefill_rank + 1) * ratio))
+    return _peer_ranks(num_prefill_ranks, num_decode_ranks, prefill_rank, "prefill")
+
+
+def _peer_ranks(num_own_ranks: int, num_peer_ranks: int, rank: int, side: str) -> list[int]:
+    """The peer side's ranks mapped to `rank` of this side: one when this side has as many or more ranks,
+    else the block of num_peer / num_own ranks it covers (the rule is symmetric). Sizes checked by the caller."""
+    if not 0 <= rank < num_own_ranks:
+        raise ValueError(f"{side} rank {rank} out of range for {side} TP {num_own_ranks}")
+    if num_own_ranks >= num_peer_ranks:
+        return [rank // (num_own_ranks // num_peer_ranks)]
+    ratio = num_peer_ranks // num_own_ranks
+    return list(range(rank * ratio, (rank + 1) * ratio))
 
 
 @dataclass(frozen=True)
