@@ -149,10 +149,14 @@ class ServerConfig:
     # SGLang's --enable-dp-attention. pdserve serves dense models only, where DP attention is the same as
     # engine.dp_size replicas: stored and reported in /server_info, it changes nothing else.
     enable_dp_attention: bool = False
+    # SMG's gRPC worker protocol (sglang.grpc.scheduler.SglangScheduler) on this port of `host`, next to HTTP.
+    grpc_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.grpc_port is not None and not (0 < self.grpc_port < 65536 and self.grpc_port != self.port):
+            raise ValueError(f"grpc_port must be in 1..65535 and differ from the HTTP port, got {self.grpc_port}")
         if self.engine.engine_cpus and len(self.engine.engine_cpus) < self.engine.dp_size:
             raise ValueError(f"--engine-cpus lists {len(self.engine.engine_cpus)} cores for {self.engine.dp_size} "
                              "data parallel replicas: each replica needs at least one")

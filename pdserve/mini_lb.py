@@ -151,7 +151,9 @@ class MiniLoadBalancer:
 
         p = await asyncio.gather(*(info(u) for u, _ in self.prefills))
         d = await asyncio.gather(*(info(u) for u in self.decodes))
-        return web.Response(body=orjson.dumps({"prefill": p, "decode": d}), content_type="application/json")
+        states = [s for info in d if isinstance(info, dict) for s in info.get("internal_states") or []]
+        return web.Response(body=orjson.dumps({"prefill": p, "decode": d, "internal_states": states}),
+                            content_type="application/json")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30)

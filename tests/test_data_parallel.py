@@ -197,5 +197,6 @@ def test_two_replicas_behind_one_server(dp_server):
 
     assert httpx.post(f"{url}/flush_cache", timeout=60).status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
-    line = next(x for x in metrics.splitlines() if x.startswith("sglang:max_total_num_tokens{"))
-    assert float(line.split()[-1]) == 4096  # summed over the replicas
+    lines = [x for x in metrics.splitlines() if x.startswith("sglang:max_total_num_tokens{")]
+    assert sorted('dp_rank="0"' in x for x in lines) == [False, True]  # one series per replica, labelled
+    assert sum(float(x.split()[-1]) for x in lines) == 4096

@@ -78,6 +78,18 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT SLO")
     load.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT SLO")
 
+    prof = parser.add_argument_group("profiling", "torch profiler traces written by the workers (SGLang's flags)")
+    prof.add_argument("--profile", action="store_true", help="POST /start_profile before the run, /stop_profile after")
+    prof.add_argument("--pd-separated", action="store_true",
+                      help="profile the prefill and decode workers directly (--profile-prefill-url/-decode-url)")
+    prof.add_argument("--profile-prefill-url", nargs="+", default=[], metavar="URL")
+    prof.add_argument("--profile-decode-url", nargs="+", default=[], metavar="URL")
+    prof.add_argument("--profile-activities", nargs="+", default=list(_D.profile_activities),
+                      choices=["CPU", "GPU", "MEM"])
+    prof.add_argument("--profile-num-steps", type=int, default=None, help="model steps to record (default: the run)")
+    prof.add_argument("--profile-by-stage", action="store_true", help="one trace per stage (EXTEND, DECODE)")
+    prof.add_argument("--profile-output-dir", default=None, help="where the workers write traces")
+
     out = parser.add_argument_group("output")
     out.add_argument("--output-file", default=None, metavar="F.json", help="summary + per-request records as JSON")
     out.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts (TTFT, ITL, ITL timeline) here")
@@ -113,6 +125,10 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             timeout=args.timeout, duration_limit=args.duration_limit, ignore_eos=not args.disable_ignore_eos,
             temperature=args.temperature, extra_request_body=extra,
             slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=not args.disable_tqdm,
+            profile=args.profile, pd_separated=args.pd_separated,
+            profile_prefill_urls=tuple(args.profile_prefill_url), profile_decode_urls=tuple(args.profile_decode_url),
+            profile_activities=tuple(args.profile_activities), profile_num_steps=args.profile_num_steps,
+            profile_by_stage=args.profile_by_stage, profile_output_dir=args.profile_output_dir,
         ).validate()
     except ValueError as e:  # BenchConfig names fields; the user typed flags
         field_name, _, rest = str(e).partition(" ")

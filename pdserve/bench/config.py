@@ -65,6 +65,16 @@ class BenchConfig:
 
     progress: bool = True  # tqdm bar on stderr
 
+    # --profile: torch profiler traces of the measured run, written by the workers (SGLang's bench_serving flags)
+    profile: bool = False
+    pd_separated: bool = False  # profile each prefill and decode worker directly (their URLs below)
+    profile_prefill_urls: tuple[str, ...] = ()
+    profile_decode_urls: tuple[str, ...] = ()
+    profile_activities: tuple[str, ...] = ("CPU", "GPU")
+    profile_num_steps: int | None = None  # None: until the run ends
+    profile_by_stage: bool = False
+    profile_output_dir: str | None = None  # None: the worker's SGLANG_TORCH_PROFILER_DIR (else /tmp)
+
     def validate(self) -> BenchConfig:
         def positive(name: str, allow_zero: bool = False) -> None:
             v = getattr(self, name)
@@ -94,6 +104,13 @@ class BenchConfig:
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             if getattr(self, name) is not None:
                 positive(name)
+        if self.profile and self.pd_separated and not (self.profile_prefill_urls or self.profile_decode_urls):
+            raise ValueError("profile_prefill_url / profile_decode_url: --pd-separated needs the workers' URLs")
+        for url in (*self.profile_prefill_urls, *self.profile_decode_urls):
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"profile_url must start with http:// or https://, got {url!r}")
+        if self.profile_num_steps is not None:
+            positive("profile_num_steps")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         return self

@@ -33,6 +33,7 @@ from pdserve.bench.client import BenchError, RequestRecord, fetch_model, new_ses
 from pdserve.bench.config import BenchConfig
 from pdserve.bench.datasets import RequestSpec
 from pdserve.bench.metrics import summarize, summarize_by_kind
+from pdserve.bench.profile import start_profile, stop_profile
 
 
 @dataclass
@@ -209,6 +210,9 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     async with new_session() as session:
         model = cfg.model or await fetch_model(session, cfg)
         await _warmup(session, cfg, model, rng)
+        if cfg.profile:
+            for answer in await start_profile(session, cfg):
+                _log(cfg, f"profile: {answer.strip()}")
         started_at = time.time()
         if cfg.dataset == "interference":
             decode_specs = [datasets.decode_request(cfg, rng, i) for i in range(cfg.num_decode_streams)]
@@ -231,6 +235,9 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             await _run_requests(run, specs, rng)
             not_sent = len(specs) - len(run.records)
         duration = time.perf_counter() - run.t0
+        if cfg.profile:
+            for answer in await stop_profile(session, cfg):
+                _log(cfg, f"profile: {answer}")
     if not_sent:
         _log(cfg, f"--duration-limit {cfg.duration_limit:g} s reached: {not_sent} request(s) not sent")
     records = sorted(run.records, key=lambda r: r.index)

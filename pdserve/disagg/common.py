@@ -17,6 +17,7 @@ from pdserve.disagg.transfer import AgentInfo, MemRegion, TransferEngine, Transf
 from pdserve.engine.engine import Engine
 from pdserve.engine.messages import RequestOutput
 from pdserve.engine.request import Request
+from pdserve.engine.stats import PDStats
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,14 @@ class DisaggLink:
             self.rank_agents = tuple(msgspec.msgpack.decode(p, type=AgentInfo) for p in parts)
         self.ctrl = ControlChannel(config.host, PD_MESSAGES, config.auth_secret)
         self.moves_data = config.transfer_backend != "fake"
+        self.stats = PDStats()  # queues are filled in by the side at each load report
         logger.info("%s: transfer backend %s, control %s, %d TP ranks", self.agent_name, config.transfer_backend,
                     self.ctrl.addr, len(self.rank_agents))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token holds in this rank's pool (every layer, K and V)."""
+        return self.num_kv_regions * self.item_bytes
 
     def rank_call(self, payload: bytes) -> None:
         """Send a PD command to the other TP ranks (nothing without TP)."""

@@ -27,7 +27,7 @@ import logging
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import lookup_instance, lookup_rank
@@ -136,7 +136,7 @@ class DecodeEngine:
             return None
         st: RoomState = req.disagg
         if st is not None and st.state is not TransferState.SUCCESS:
-            return self._fail(req, reason)
+            return self._fail(req, reason, client_abort=True)
         self.engine.abort(rid)
         return self.engine.make_output(req)
 
@@ -151,13 +151,14 @@ class DecodeEngine:
 
     def load(self) -> LoadReport:
         r = self.engine.load()
-        from dataclasses import replace
-
+        pd = replace(self.link.stats, num_decode_prealloc_queue_reqs=len(self.prealloc),
+                     num_decode_transfer_queue_reqs=len(self.transferring))
         extra = {**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
                  "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values()),
                  "kv_transfers_staged": self.num_staged}
         return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
-                       num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra)
+                       num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra,
+                       stats=replace(r.stats, pd=pd) if r.stats is not None else None)
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
@@ -270,6 +271,7 @@ class DecodeEngine:
             peer = self.peers.get(st.peer)
             if peer is None or peer.ranks is None:
                 continue
+            st.extra.setdefault("bootstrap_s", now() - req.arrival_time)
             asked = st.extra.get("prefill_dp_rank")
             if asked is not None and asked >= len(peer.ranks):
                 outs.append(self._fail(req, f"disagg_prefill_dp_rank {asked} is out of range: the prefill at "
@@ -296,6 +298,7 @@ class DecodeEngine:
             st.extra["dp"] = st.room % num_dp if asked is None else asked
             self.prealloc.remove(req)
             self.transferring[st.room] = req
+            st.extra["destination_sent"] = now()
             page = self.config.page_size
             pages = tuple(req.slots[i] // page for i in range(0, n, page)) if page > 1 else ()
             self.link.ctrl.send(peer.ctrl_addrs[st.extra["dp"]], KVDestination(
@@ -378,6 +381,9 @@ class DecodeEngine:
         del self.rooms[st.room]
         meta.free(st.meta_row)
         st.meta_row = None
+        sent = st.extra["destination_sent"]
+        self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, now() - sent,
+                                        st.extra.get("bootstrap_s", 0.0), sent - req.arrival_time)
         st.state = TransferState.SUCCESS
         req.num_computed_tokens = len(req.prompt_ids)
         req.num_cached_tokens = row.cached_tokens
@@ -387,6 +393,7 @@ class DecodeEngine:
         req.status = RequestStatus.RUNNING
         sched = self.engine.scheduler
         sched.running.append(req)
+        sched.stats.queue_time.observe(0.0)  # a prefilled request joins the running batch as its KV lands: no queue
         sched.stop.check(req)
         if req.finish_reason is not None:
             sched.finish(req, req.finish_reason)
@@ -402,11 +409,15 @@ class DecodeEngine:
                                 f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
                 for req in list(self.rooms.values()) if t >= req.disagg.deadline]
 
-    def _fail(self, req: Request, reason: str, prefill_done: bool = False) -> RequestOutput:
+    def _fail(self, req: Request, reason: str, prefill_done: bool = False,
+              client_abort: bool = False) -> RequestOutput:
         """End a request that is not running yet. prefill_done: the prefill said it will not write (its
-        TransferDone); otherwise a destination it was given is quarantined and the prefill is told."""
+        TransferDone); otherwise a destination it was given is quarantined and the prefill is told.
+        client_abort: the client gave up (not counted as a PD failure)."""
         st: RoomState = req.disagg
         if st.state is not TransferState.SUCCESS:
+            if not client_abort:
+                self.link.stats.count_failure(in_bootstrap=st.state is TransferState.BOOTSTRAPPING)
             sent = st.state is TransferState.TRANSFERRING  # the prefill has (or will have) this destination
             st.state = TransferState.FAILED
             self.rooms.pop(st.room, None)

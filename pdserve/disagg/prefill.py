@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import BootstrapServer, register_rank
@@ -117,8 +117,6 @@ class PrefillEngine:
         room = g.bootstrap.room
         if room in self.room_rid:
             raise ValueError(f"bootstrap_room {room} is already in use by another request")
-        from dataclasses import replace
-
         g = replace(g, sampling=g.sampling.with_max_new_tokens(1))
         self.engine.add_request(g)
         req = self.engine.requests[g.rid]
@@ -135,7 +133,7 @@ class PrefillEngine:
             return None
         st: RoomState = req.disagg
         if st.state is TransferState.TRANSFERRING:  # cannot free slots the backend is reading: finish later
-            st.aborted = reason
+            st.aborted, st.extra["client_abort"] = reason, True
             return None
         self.bootstrapping.pop(st.room, None)
         self.waiting_input.pop(st.room, None)
@@ -160,10 +158,11 @@ class PrefillEngine:
 
     def load(self) -> LoadReport:
         r = self.engine.load()
-        from dataclasses import replace
-
+        pd = replace(self.link.stats, num_prefill_prealloc_queue_reqs=len(self.bootstrapping),
+                     num_prefill_inflight_queue_reqs=len(self.transferring))
         return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
-                                 "kv_transfers_staged": self.num_staged})
+                                 "kv_transfers_staged": self.num_staged},
+                       stats=replace(r.stats, pd=pd) if r.stats is not None else None)
 
     def flush_cache(self) -> bool:
         return self.engine.flush_cache()
@@ -294,6 +293,7 @@ class PrefillEngine:
 
     def _attach(self, req: Request, dest: KVDestination) -> None:
         st: RoomState = req.disagg
+        st.extra["bootstrap_s"] = now() - req.arrival_time
         self.bootstrapping.pop(st.room, None)
         peer = self.peers.get(dest.decode_agent)
         err = peer.refused if peer is not None else None
@@ -339,6 +339,7 @@ class PrefillEngine:
             if req.disagg.state is not TransferState.WAITING_FOR_INPUT or req.finished:
                 del self.waiting_input[room]
             elif t >= req.disagg.deadline:
+                self.link.stats.count_failure(in_bootstrap=False)
                 out = self.abort(req.rid, f"the prefill did not compute room {room} within "
                                           f"{ENVS.disagg_waiting_timeout_s:.0f} s "
                                           "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
@@ -356,6 +357,7 @@ class PrefillEngine:
                     f"bootstrap timeout: no decode server claimed room {room} within "
                     f"{ENVS.disagg_bootstrap_timeout_s:.0f} s (SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)")
                 del self.bootstrapping[room]
+                self.link.stats.count_failure(in_bootstrap=True)
                 outs.append(self._finish_room(req, reason))
         for room, (_, t0) in list(self.destinations.items()):
             if t - t0 > ENVS.disagg_bootstrap_timeout_s:
@@ -394,6 +396,7 @@ class PrefillEngine:
             st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
+            st.extra["transfer_start"] = now()
             self.waiting_input.pop(st.room, None)
         except TensorRanksFailed:
             raise
@@ -442,6 +445,8 @@ class PrefillEngine:
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
+                self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token,
+                                                now() - st.extra["transfer_start"], st.extra.get("bootstrap_s", 0.0))
                 meta = None if self.link.moves_data else self.link.meta.row_view(row)
                 self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta))
                 self.link.meta.free(row)
@@ -451,6 +456,8 @@ class PrefillEngine:
             else:
                 self.link.meta.free(row)
                 reason = st.aborted or "KV transfer to the decode server failed"
+                if not st.extra.get("client_abort"):
+                    self.link.stats.count_failure(in_bootstrap=False)
                 self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
                 self.engine.scheduler.kv.release(req)
                 outs.append(self._finish_room(req, reason))
@@ -479,6 +486,7 @@ class PrefillEngine:
         """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""
         st: RoomState = req.disagg
         st.state = TransferState.FAILED
+        self.link.stats.count_failure(in_bootstrap=False)
         self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
         req.finish_reason, req.error = "abort", reason
         return False

@@ -22,6 +22,8 @@ from pdserve.engine.messages import (
     GenerateRequest,
     LoadReport,
     LoadRequest,
+    ProfileRequest,
+    ProfileResult,
     RequestOutput,
     ShutdownRequest,
 )
@@ -69,6 +71,7 @@ class EngineClient:
         self._streams: dict[str, asyncio.Queue] = {}
         self._load_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._flush_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._profile_waiters: collections.deque[asyncio.Future] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead: str | None = None
         self._closing = False
@@ -111,6 +114,8 @@ class EngineClient:
             _resolve(self._load_waiters, msg)
         elif isinstance(msg, FlushCacheResult):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, ProfileResult):
+            _resolve(self._profile_waiters, msg)
 
     def _on_death(self) -> None:
         self._dead = f"engine process exited (code {self._proc.exitcode})"
@@ -118,7 +123,7 @@ class EngineClient:
             logger.error(self._dead)
         for rid, q in self._streams.items():
             q.put_nowait(RequestOutput(rid, [], finish_reason="abort", error=self._dead))
-        for waiters in (self._load_waiters, self._flush_waiters):
+        for waiters in (self._load_waiters, self._flush_waiters, self._profile_waiters):
             while waiters:
                 w = waiters.popleft()
                 if not w.done():
@@ -181,6 +186,9 @@ class EngineClient:
 
     async def flush_cache(self) -> FlushCacheResult:
         return await self._ask(FlushCacheRequest(), self._flush_waiters)
+
+    async def profile(self, req: ProfileRequest) -> ProfileResult:
+        return await self._ask(req, self._profile_waiters)
 
     async def shutdown(self) -> None:
         self._closing = True

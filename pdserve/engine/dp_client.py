@@ -24,7 +24,9 @@ from contextlib import aclosing
 
 from pdserve.config import EngineConfig
 from pdserve.engine.client import EngineClient, load_model_files
-from pdserve.engine.messages import EngineReady, FlushCacheResult, GenerateRequest, LoadReport, RequestOutput
+from pdserve.engine.messages import (
+    EngineReady, FlushCacheResult, GenerateRequest, LoadReport, ProfileRequest, ProfileResult, RequestOutput,
+)
 from pdserve.model.loader import ResolvedModel
 
 logger = logging.getLogger(__name__)
@@ -174,6 +176,12 @@ class DataParallelClient:
         results = await asyncio.gather(*(r.flush_cache() for r in self.replicas))
         failed = [f"dp rank {rank}: {res.message}" for rank, res in enumerate(results) if not res.ok]
         return FlushCacheResult(not failed, "; ".join(failed))
+
+    async def profile(self, req: ProfileRequest) -> ProfileResult:
+        results = await asyncio.gather(*(r.profile(req) for r in self.replicas))
+        failed = [f"dp rank {rank}: {res.message}" for rank, res in enumerate(results) if not res.ok]
+        files = tuple(f for res in results for f in res.trace_files)
+        return ProfileResult(not failed, "; ".join(failed) or results[0].message, files)
 
     async def shutdown(self) -> None:
         await _shutdown_all(self.replicas)

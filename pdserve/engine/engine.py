@@ -7,7 +7,9 @@ HTTP front talks to through typed messages (pdserve/engine/process.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from pdserve.config import EngineConfig
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
@@ -59,8 +61,6 @@ def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: i
         raise ValueError(f"logprob_start_len ({req.logprob_start_len}) must be smaller than the prompt ({n} tokens)")
     room = context_len - n
     if req.sampling.max_new_tokens > room:
-        from dataclasses import replace
-
         req = replace(req, sampling=req.sampling.with_max_new_tokens(room))
     return req
 
@@ -81,6 +81,7 @@ class Engine:
         self.max_total_tokens = self.runner.num_slots
         self.kernel_plan = self.runner.model.ops.plan  # which op runs a CPU kernel, which runs torch
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
+        self.scheduler.stats.kv_cache_bytes = self.runner.kv.bytes_per_token() * self.max_total_tokens
         self.requests: dict[str, Request] = {}
         self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)
         # Vision-language models: the vision tower runs here unless encode servers compute the embeddings.
@@ -232,6 +233,7 @@ class Engine:
             max_total_tokens=self.max_total_tokens,
             num_used_by_reqs=s.num_used_by_reqs,
             num_cached_tokens=s.kv.num_cached_tokens,
+            stats=replace(s.stats, time_s=time.monotonic()),
         )
 
     def flush_cache(self) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.disagg.messages import BootstrapInfo
+from pdserve.engine.stats import EngineStats
 from pdserve.model.kernel_plan import KernelPlan
 from pdserve.sampling_params import SamplingParams
 
@@ -45,6 +46,21 @@ class ShutdownRequest:
     pass
 
 
+@dataclass(frozen=True)
+class ProfileRequest:
+    """/start_profile (start=True, SGLang's ProfileReqInput fields) or /stop_profile (start=False)."""
+
+    start: bool
+    output_dir: str | None = None  # None: SGLANG_TORCH_PROFILER_DIR, else /tmp
+    start_step: int | None = None  # model steps to wait before recording
+    num_steps: int | None = None  # stop by itself after this many model steps (None: at /stop_profile)
+    activities: tuple[str, ...] = ("CPU", "GPU")  # CPU, GPU (CUDA where present), MEM
+    profile_by_stage: bool = False  # one trace per stage: EXTEND (steps with prompt tokens) and DECODE
+    with_stack: bool = False
+    record_shapes: bool = False
+    profile_prefix: str | None = None
+
+
 # ---- engine -> front -------------------------------------------------------------------------------
 @dataclass
 class TokenLogprob:
@@ -79,12 +95,20 @@ class LoadReport:
     num_used_by_reqs: int
     num_cached_tokens: int
     extra: dict[str, int] = field(default_factory=dict)  # mode-specific counters (EPD buffers), shown in /get_load
+    stats: EngineStats | None = None  # counters since start, for /metrics (None: several replicas summed)
 
 
 @dataclass(frozen=True)
 class FlushCacheResult:
     ok: bool
     message: str = ""
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    ok: bool
+    message: str
+    trace_files: tuple[str, ...] = ()  # written so far (a stop that ends the recording)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ from pdserve.engine.messages import (
     FlushCacheResult,
     GenerateRequest,
     LoadRequest,
+    ProfileRequest,
     RequestOutput,
     ShutdownRequest,
 )
+from pdserve.engine.profiler import StepProfiler
 from pdserve.engine.tp_worker import KEEPALIVE_S
 from pdserve.envs import ENVS
 from pdserve.model.loader import ResolvedModel
@@ -95,6 +97,7 @@ def _loop(engine, conn: Connection, step_log: _StepLog | None = None) -> None:
     idle = getattr(core, "idle", None)
     # TP: an idle rank 0 wakes up to keep the other ranks' deadline (tp_worker.KEEPALIVE_S).
     max_idle_s = KEEPALIVE_S if getattr(core, "config", None) is not None and core.config.tp_size > 1 else None
+    profiler = StepProfiler()
     while True:
         if not engine.has_work:
             if poller is None:
@@ -107,10 +110,11 @@ def _loop(engine, conn: Connection, step_log: _StepLog | None = None) -> None:
             msg = conn.recv()
             if isinstance(msg, ShutdownRequest):
                 return
-            reply = _handle(engine, msg)
+            reply = profiler.handle(msg) if isinstance(msg, ProfileRequest) else _handle(engine, msg)
             if reply is not None:
                 conn.send(reply)
-        outs = engine.step() if step_log is None else step_log.step(engine)
+        outs = profiler.run_step(lambda: engine.step() if step_log is None else step_log.step(engine),
+                                 lambda: getattr(core, "last_forward", None))
         if outs:
             conn.send(outs)
 

@@ -26,6 +26,7 @@ class Request:
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     arrival_time: float = field(default_factory=time.monotonic)
+    queued_at: float = field(default_factory=time.monotonic)  # when it last entered the waiting queue
 
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)

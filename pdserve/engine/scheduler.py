@@ -9,6 +9,7 @@ decode that cannot grow preempts the newest running request (its KV is cached, i
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pdserve.engine.kv_pool import PagedKVAllocator
 from pdserve.engine.messages import TokenLogprob
 from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop_checker import StopChecker
 
 
@@ -153,9 +155,11 @@ class Scheduler:
         self.step_budget = config.chunked_prefill_size if config.chunked_prefill_size > 0 else config.max_prefill_tokens
         # Requests finished inside schedule() (not by a step's results); the engine reports them.
         self.failed: list[Request] = []
+        self.stats = EngineStats(max_running_requests=config.max_running_requests)
 
     # ---- queue management -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        req.queued_at = time.monotonic()
         self.waiting.append(req)
 
     def abort(self, rid: str) -> Request | None:
@@ -218,11 +222,14 @@ class Scheduler:
                 self.kv.match_prefix(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
+                    self.stats.num_admitted_prompt_tokens += len(req.prompt_ids)
+                    self.stats.num_admitted_cached_tokens += req.num_cached_tokens
             n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
             # Keep room for every running decode to grow one token after this admission.
             if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
                 break
             self.waiting.remove(req)
+            self.stats.queue_time.observe(time.monotonic() - req.queued_at)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.prefills.append(ScheduledSeq(req, n))
@@ -242,6 +249,8 @@ class Scheduler:
         if not req.input_logprobs_sent:
             req.input_logprobs = None  # recomputed from scratch on resume
         req.status = RequestStatus.WAITING
+        self.stats.num_retracted_reqs += 1
+        req.queued_at = time.monotonic()
         self.waiting.appendleft(req)
 
     # ---- update -------------------------------------------------------------------------------------
@@ -263,6 +272,7 @@ class Scheduler:
             else:
                 assert res is not None and res.token_id is not None
                 req.output_ids.append(res.token_id)
+                self.stats.num_generated_tokens += 1
                 if res.logprob is not None:
                     req.pending_logprobs.append(res.logprob)
                 self.stop.check(req)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -137,6 +138,19 @@ def resolve_model(model_path: str | None) -> ResolvedModel:
         _convert_gguf(path, out_dir)
     arch, model_type = _check_architecture(out_dir)
     return ResolvedModel(path, out_dir, arch, model_type)
+
+
+_QUANT_SUFFIX = re.compile(r"[.-](?:I?Q\d[A-Z0-9_]*|F16|F32|BF16|FP16|FP32)$", re.IGNORECASE)
+
+
+def model_display_name(path: str) -> str:
+    """The name a model is served under by default (SGLang serves a model under its path; for a GGUF deep in
+    site-packages that is unusable as an OpenAI `model`): a directory's name, or a GGUF file's name without its
+    extension and quantization suffix (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
+    base = os.path.basename(os.path.normpath(path))
+    if base.lower().endswith(".gguf"):
+        base = _QUANT_SUFFIX.sub("", base[:-5]) or base[:-5]
+    return base
 
 
 def load_tokenizer(hf_dir: str):

@@ -155,9 +155,13 @@ def create_app(state: RouterState) -> web.Application:
         router = {"version": __version__, "pd_disaggregation": cfg.pd_disaggregation, "policy": cfg.policy,
                   "prefill_policy": cfg.effective_prefill_policy, "decode_policy": cfg.effective_decode_policy,
                   "ready": registry.ready()}
+        # SGLang's shape: the decode servers' internal_states (one per dp rank) collected at the top level,
+        # as its mini_lb does (bench_serving reads them there)
+        states = [s for info in infos["decode"] + infos["regular"] for s in info.get("internal_states") or []]
         if cfg.pd_disaggregation:
-            return json_response({"router": router, "prefill": infos["prefill"], "decode": infos["decode"]})
-        return json_response({"router": router, "workers": infos["regular"]})
+            return json_response({"prefill": infos["prefill"], "decode": infos["decode"], "internal_states": states,
+                                  "router": router})
+        return json_response({"workers": infos["regular"], "internal_states": states, "router": router})
 
     async def version(_: web.Request) -> web.Response:
         return json_response({"version": __version__})

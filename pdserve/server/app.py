@@ -6,10 +6,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from pdserve import __version__
-from pdserve.engine.dp_client import loads_per_rank, sum_loads
+from pdserve.engine.dp_client import loads_per_rank
 from pdserve.server import protocol
 from pdserve.server.auth import APIKeyMiddleware
 from pdserve.server.errors import error_response, install_error_handlers
+from pdserve.server.loads import parse_include, worker_loads
 from pdserve.server.metrics import CONTENT_TYPE
 from pdserve.server.state import ServerState, health_generate, model_info, server_info
 from pdserve.server.streaming import ClientDisconnected, json_response, read_json
@@ -58,6 +59,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/server_info")
     @app.get("/get_server_info")
     async def get_server_info() -> Response:
+        state.metrics.update_loads(await loads_per_rank(state.client))  # fresh internal_states
         return json_response(server_info(state))
 
     @app.get("/model_info")
@@ -68,15 +70,26 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/get_load")
     async def get_load() -> Response:
         loads = await loads_per_rank(state.client)
-        state.metrics.update_load(sum_loads(loads))
+        state.metrics.update_loads(loads)
         return json_response([{
             "dp_rank": rank, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
             "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens, **load.extra,
         } for rank, load in enumerate(loads)])
 
+    @app.get("/v1/loads")
+    @app.get("/get_loads")
+    async def v1_loads(request: Request) -> Response:  # SMG's WorkerLoadResponse
+        try:
+            include = parse_include(request.query_params.get("include"))
+        except ValueError as e:
+            return error_response(str(e), 400, param="include")
+        state.metrics.update_loads(await loads_per_rank(state.client))
+        return json_response(worker_loads(state.metrics.engine, include, state.config.engine.disaggregation_mode,
+                                          state.weight_bytes))
+
     @app.get("/metrics")
-    async def metrics() -> Response:  # the gauges sum over data parallel replicas
-        state.metrics.update_load(sum_loads(await loads_per_rank(state.client)))
+    async def metrics() -> Response:  # scheduler gauges per data parallel rank (label dp_rank)
+        state.metrics.update_loads(await loads_per_rank(state.client))
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- control ---------------------------------------------------------------------------------------
@@ -86,6 +99,20 @@ def create_app(state: ServerState) -> FastAPI:
         result = await state.client.flush_cache()
         body = {"success": result.ok, "message": result.message or ("Cache flushed." if result.ok else "")}
         return json_response(body) if result.ok else error_response(body["message"] or "cannot flush the cache", 400)
+
+    @app.get("/start_profile")
+    @app.post("/start_profile")
+    async def start_profile(request: Request) -> Response:
+        body = await read_json(request) if await request.body() else None
+        result = await state.client.profile(protocol.parse_profile(body, start=True))
+        return Response(result.message, media_type="text/plain") if result.ok else error_response(result.message, 400)
+
+    @app.get("/stop_profile")
+    @app.post("/stop_profile")
+    async def stop_profile() -> Response:
+        result = await state.client.profile(protocol.parse_profile(None, start=False))
+        return Response(result.message + "\n", media_type="text/plain") if result.ok else error_response(
+            result.message, 400)
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

@@ -31,6 +31,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=_SERVER.port)
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--log-level", default=_SERVER.log_level, choices=LOG_LEVELS)
+    g.add_argument("--grpc-port", type=int, default=_SERVER.grpc_port,
+                   help="also serve SMG's gRPC worker protocol (SglangScheduler) on this port of --host, for "
+                        "`smg launch ... grpc://HOST:PORT` (the gateway tokenises)")
 
     g = parser.add_argument_group("engine")
     g.add_argument("--max-running-requests", type=int, default=_ENGINE.max_running_requests)
@@ -64,6 +67,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("prefill/decode disaggregation")
     g.add_argument("--disaggregation-mode", default=_ENGINE.disaggregation_mode, choices=DISAGG_MODES)
+    g.add_argument("--prefill-only", action="store_true", help="alias of --disaggregation-mode prefill (SMG's docs)")
+    g.add_argument("--decode-only", action="store_true", help="alias of --disaggregation-mode decode (SMG's docs)")
     g.add_argument("--disaggregation-transfer-backend", default=_ENGINE.transfer_backend, choices=TRANSFER_BACKENDS)
     g.add_argument("--disaggregation-bootstrap-port", type=int, default=_ENGINE.bootstrap_port)
     g.add_argument("--disaggregation-ib-device", default=_ENGINE.ib_device)
@@ -129,12 +134,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         page_size=args.page_size,
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
-                        enable_dp_attention=args.enable_dp_attention)
+                        enable_dp_attention=args.enable_dp_attention, grpc_port=args.grpc_port)
 
 
 def epd_mode(args: argparse.Namespace) -> tuple[str, bool]:
     """(disaggregation mode, encoder_disaggregated) after SGLang's EPD aliases. Raises ValueError."""
     mode, enc_disagg = args.disaggregation_mode, args.encoder_disaggregated
+    for flag, alias in (("prefill_only", "prefill"), ("decode_only", "decode")):
+        if getattr(args, flag, False):
+            if mode not in ("null", alias):
+                raise ValueError(f"--{flag.replace('_', '-')} contradicts --disaggregation-mode {mode}")
+            mode = alias
     if args.encoder_only:
         if mode not in ("null", "encode"):
             raise ValueError(f"--encoder-only contradicts --disaggregation-mode {mode}")

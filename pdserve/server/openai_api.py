@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import Response
 
+from pdserve.disagg.messages import BootstrapInfo
 from pdserve.engine.messages import TokenLogprob
 from pdserve.epd.front import MultimodalFront
 from pdserve.server.errors import BadRequestError, EngineError
@@ -51,26 +52,38 @@ def _usage(prompts: Sequence[Sequence[int]], choices: Sequence[_Choice], complet
     }
 
 
+def _bootstrap_of(common: OpenAICommon, index: int, num_choices: int) -> BootstrapInfo | None:
+    """The PD fields of one choice: the request's, or its entry of SGLang's list form."""
+    if not common.bootstrap_per_choice:
+        return common.bootstrap
+    if len(common.bootstrap_per_choice) != num_choices:
+        raise BadRequestError(f"bootstrap_room has {len(common.bootstrap_per_choice)} entries for {num_choices} "
+                              "choices (prompts x n)", param="bootstrap_room")
+    return common.bootstrap_per_choice[index]
+
+
 class OpenAIServing:
     def __init__(self, gen: GenerationService, encoder: PromptEncoder, served_model_name: str, strict_model: bool,
-                 mm: MultimodalFront | None = None):
+                 mm: MultimodalFront | None = None, aliases: tuple[str, ...] = ()):
         self.mm = mm
         self.gen = gen
         self.encoder = encoder
         self.model_name = served_model_name
         self.strict_model = strict_model  # --served-model-name given: other model names are rejected
+        self.accepted_names = {served_model_name, *aliases}  # the served name, or the model's path
 
     def models(self) -> dict[str, object]:
         return {
             "object": "list",
             "data": [{
-                "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "pdserve",
+                # "sglang": SMG and other tools detect the runtime from owned_by
+                "id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "sglang",
                 "root": self.model_name, "max_model_len": self.gen.context_len,
             }],
         }
 
     def _check_model(self, common: OpenAICommon) -> None:
-        if self.strict_model and common.model is not None and common.model != self.model_name:
+        if self.strict_model and common.model is not None and common.model not in self.accepted_names:
             raise BadRequestError(f"the model {common.model!r} does not exist; this server serves {self.model_name!r}",
                                   param="model")
 
@@ -89,7 +102,7 @@ class OpenAIServing:
                     rid=base if total == 1 else f"{base}-{index}", input_ids=ids,
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
-                    bootstrap=common.bootstrap, mm=mm, routed_dp_rank=common.routed_dp_rank,
+                    bootstrap=_bootstrap_of(common, index, total), mm=mm, routed_dp_rank=common.routed_dp_rank,
                 )))
         return choices
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from pdserve.disagg.messages import BootstrapInfo
+from pdserve.engine.messages import ProfileRequest
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.errors import BadRequestError
 
@@ -117,10 +118,15 @@ class GenerateReqInput:
     extra: dict[str, object] = field(default_factory=dict)  # unknown fields, untouched (router / PD hints)
 
 
+# Fields a router may send in list form for a single prompt (SGLang's routers wrap PD fields per batch entry).
+_LISTABLE_SINGLE = frozenset({"bootstrap_host", "bootstrap_port", "bootstrap_room", "routed_dp_rank",
+                              "data_parallel_rank", "disagg_prefill_dp_rank"})
+
+
 def _per_item(body: dict, key: str, n: int, is_batch: bool, check: Callable[[dict, str], T]) -> list[T]:
     """A field given once for all prompts, or (for a batch) as a list with one value per prompt."""
     v = body.get(key)
-    if is_batch and isinstance(v, list):
+    if isinstance(v, list) and (is_batch or (len(v) == 1 and key in _LISTABLE_SINGLE)):
         if len(v) != n:
             raise BadRequestError(f"{key} has {len(v)} entries for {n} prompts", param=key)
         return [check({key: x}, key) for x in v]
@@ -248,6 +254,8 @@ class OpenAICommon:
     max_tokens: int | None  # None: OpenAI default (completions: 16, chat: the rest of the context)
     rid: str | None
     bootstrap: BootstrapInfo | None = None  # injected by a PD router
+    # SGLang's list form (a PD router's n > 1): one entry per choice, in choice order; () when not a list
+    bootstrap_per_choice: tuple[BootstrapInfo, ...] = ()
     epd: object = None  # injected by an EPD balancer: where the image embeddings wait (pdserve/epd/front.py)
     routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
 
@@ -276,13 +284,46 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
     fmt = _get_dict(body, "response_format").get("type", "text")
     if fmt != "text":
         raise BadRequestError(f"response_format {fmt!r} is not supported", param="response_format")
-    bootstrap = bootstrap_info(_get_str(body, "bootstrap_host"), _get_int(body, "bootstrap_port"),
-                               _get_int(body, "bootstrap_room"), _get_int(body, "disagg_prefill_dp_rank"))
+    per_choice = _bootstrap_list(body)
+    bootstrap = None
+    if not per_choice:
+        bootstrap = bootstrap_info(_get_str(body, "bootstrap_host"), _get_int(body, "bootstrap_port"),
+                                   _get_int(body, "bootstrap_room"), _get_int(body, "disagg_prefill_dp_rank"))
+    elif len(per_choice) == 1:
+        bootstrap, per_choice = per_choice[0], ()
     if bootstrap is not None and n > 1:
-        raise BadRequestError("n > 1 is not supported with bootstrap_room (PD disaggregation)", param="n")
+        raise BadRequestError("n > 1 with PD disaggregation needs one bootstrap_room per choice (a list)", param="n")
     dp_rank = routed_dp_rank(_get_int(body, "routed_dp_rank"), _get_int(body, "data_parallel_rank"))
     return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap,
-                        body.get("epd"), routed_dp_rank=dp_rank)
+                        per_choice, body.get("epd"), routed_dp_rank=dp_rank)
+
+
+_BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room", "disagg_prefill_dp_rank")
+
+
+def _bootstrap_list(body: dict) -> tuple[BootstrapInfo, ...]:
+    """SGLang's list-form PD fields (bootstrap_room: [..], host and port as one value or a list of the same
+    length): one BootstrapInfo per entry; () when bootstrap_room is not a list."""
+    rooms = body.get("bootstrap_room")
+    if not isinstance(rooms, list):
+        return ()
+    if not rooms:
+        raise BadRequestError("bootstrap_room must not be an empty list", param="bootstrap_room")
+    columns = {}
+    for key in _BOOTSTRAP_FIELDS:
+        v = body.get(key)
+        if isinstance(v, list) and len(v) != len(rooms):
+            raise BadRequestError(f"{key} has {len(v)} entries for {len(rooms)} bootstrap rooms", param=key)
+        columns[key] = v if isinstance(v, list) else [v] * len(rooms)
+    out = []
+    for i in range(len(rooms)):
+        entry = {key: columns[key][i] for key in _BOOTSTRAP_FIELDS}
+        info = bootstrap_info(_get_str(entry, "bootstrap_host"), _get_int(entry, "bootstrap_port"),
+                              _get_int(entry, "bootstrap_room"), _get_int(entry, "disagg_prefill_dp_rank"))
+        if info is None:
+            raise BadRequestError(f"bootstrap_room[{i}] is missing", param="bootstrap_room")
+        out.append(info)
+    return tuple(out)
 
 
 def bootstrap_info(host: str | None, port: int | None, room: int | None,
@@ -435,6 +476,26 @@ def sampling_for_choice(sampling: SamplingParams, index: int) -> SamplingParams:
 class AbortReq:
     rid: str
     abort_all: bool = False
+
+
+def parse_profile(body: object, start: bool) -> ProfileRequest:
+    """/start_profile's body (SGLang's ProfileReqInput; every field optional, an empty body allowed)."""
+    body = _require_object(body if body is not None else {})
+    activities = body.get("activities")
+    if activities is None:
+        activities = ["CPU", "GPU"]
+    if not isinstance(activities, list) or not all(isinstance(a, str) for a in activities):
+        raise BadRequestError("activities must be a list of strings (CPU, GPU, MEM)", param="activities")
+    for key in ("start_step", "num_steps"):
+        v = _get_int(body, key)
+        if v is not None and v < (1 if key == "num_steps" else 0):
+            raise BadRequestError(f"{key} must be {'positive' if key == 'num_steps' else '>= 0'}, got {v}", param=key)
+    return ProfileRequest(
+        start=start, output_dir=_get_str(body, "output_dir"), start_step=_get_int(body, "start_step"),
+        num_steps=_get_int(body, "num_steps"), activities=tuple(activities),
+        profile_by_stage=_get_bool(body, "profile_by_stage"), with_stack=_get_bool(body, "with_stack"),
+        record_shapes=_get_bool(body, "record_shapes"), profile_prefix=_get_str(body, "profile_prefix"),
+    )
 
 
 def parse_abort(body: object) -> AbortReq:

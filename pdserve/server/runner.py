@@ -61,6 +61,16 @@ async def serve(config: ServerConfig) -> int:
     except OSError as e:
         logger.error("cannot bind http://%s:%d: %s", config.host, config.port, e)
         return 1
+    grpc_front = None
+    if config.grpc_port is not None:  # SMG's gRPC worker protocol, bound now for the same reason
+        from pdserve.server.grpc_service import GrpcFront
+
+        try:
+            grpc_front = GrpcFront(config.host, config.grpc_port)
+        except RuntimeError as e:
+            logger.error("cannot bind grpc://%s:%d: %s", config.host, config.grpc_port, e)
+            sock.close()
+            return 1
     starting = asyncio.ensure_future(start_engine_client(config.engine, config.log_level))
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -69,15 +79,22 @@ async def serve(config: ServerConfig) -> int:
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
         sock.close()
+        if grpc_front is not None:
+            await grpc_front.stop()
         return 1
     try:
         client = starting.result()  # a failed start raises here
     except BaseException:
         sock.close()
+        if grpc_front is not None:
+            await grpc_front.stop()
         raise
     exit_code = 0
     try:
-        app = create_app(build_state(config, client))
+        state = build_state(config, client)
+        app = create_app(state)
+        if grpc_front is not None:
+            await grpc_front.start(state)
         server = _UvicornServer(uvicorn.Config(
             app, host=config.host, port=config.port, log_level=config.log_level, timeout_keep_alive=30,
             lifespan="off",
@@ -102,6 +119,8 @@ async def serve(config: ServerConfig) -> int:
             exit_code = 1
     finally:
         stopping.cancel()
+        if grpc_front is not None:
+            await grpc_front.stop()
         await client.shutdown()
     return exit_code
 

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 from pdserve import __version__
 from pdserve.config import ServerConfig
+from pdserve.model.loader import model_display_name
 from pdserve.sampling_params import SamplingParams
 from pdserve.epd.front import MultimodalFront
+from pdserve.server.loads import checkpoint_bytes
 from pdserve.server.generation import GenerationService, GenInput, GenResult, collect
-from pdserve.server.metrics import ServerMetrics
+from pdserve.server.metrics import ServerMetrics, engine_type_of
 from pdserve.server.native_api import NativeServing
 from pdserve.server.openai_api import OpenAIServing
 from pdserve.server.tokenization import PromptEncoder
@@ -35,12 +37,14 @@ class ServerState:
     gen: GenerationService
     native: NativeServing
     openai: OpenAIServing
+    weight_bytes: int = 0  # the checkpoint's weight files on disk (/v1/loads memory.weight_gb)
 
 
 def build_state(config: ServerConfig, client: "EngineClient | DataParallelClient") -> ServerState:
     model_path = os.path.abspath(client.resolved.source_path)
-    served = config.engine.model.served_model_name or config.engine.model.model_path or model_path
-    metrics = ServerMetrics(served)
+    # SMG routes OpenAI requests by this name: the model's name, not a path (requests naming the path work too)
+    served = config.engine.model.served_model_name or model_display_name(model_path)
+    metrics = ServerMetrics(served, engine_type_of(config.engine.disaggregation_mode), config.engine.dp_size)
     mm = MultimodalFront(client.resolved.hf_dir, config.engine, config.api_key)
     encoder = PromptEncoder(client.tokenizer, client.resolved.hf_dir, mm.image_token)
     gen = GenerationService(client, client.tokenizer, metrics, client.ready.context_len, encoder.vocab_size,
@@ -49,7 +53,8 @@ def build_state(config: ServerConfig, client: "EngineClient | DataParallelClient
         config=config, client=client, served_model_name=served, model_path=model_path, metrics=metrics,
         encoder=encoder, gen=gen, native=NativeServing(gen, encoder, mm),
         openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None,
-                             mm=mm),
+                             mm=mm, aliases=(model_path, config.engine.model.model_path or model_path)),
+        weight_bytes=checkpoint_bytes(client.resolved.hf_dir),
     )
 
 
@@ -89,7 +94,24 @@ def server_info(state: ServerState) -> dict[str, object]:
         "is_generation": True,
         "cpu_kernels": ready.cpu_kernels.to_json() if ready.cpu_kernels is not None else {"isa": "none"},
         "version": __version__,
+        "internal_states": internal_states(state),
     }
+
+
+def internal_states(state: ServerState) -> list[dict[str, object]]:
+    """SGLang's per-dp-rank scheduler state in /server_info (what bench_serving and mini_lb read)."""
+    engine = state.metrics.engine
+    out = []
+    for rank in range(engine.num_ranks):
+        values = engine.rank_values(rank)
+        out.append({
+            "dp_rank": rank, "last_gen_throughput": values["gen_throughput"], "avg_spec_accept_length": None,
+            "num_running_reqs": int(values["num_running_reqs"]), "num_queue_reqs": int(values["num_queue_reqs"]),
+            "token_usage": values["token_usage"], "cache_hit_rate": values["cache_hit_rate"],
+            "memory_usage": {"kv_cache": round(state.metrics.engine.rank_kv_cache_bytes(rank) / 2**30, 4),
+                             "weight": round(state.weight_bytes / 2**30, 4)},
+        })
+    return out
 
 
 def model_info(state: ServerState) -> dict[str, object]:
