@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -95,3 +96,23 @@ def send_raw_frames(addr: str, frames: list[list[bytes]]) -> None:
         sock.send_multipart(parts)
     sock.close()
 
+
+def response_text(path: str, resp: httpx.Response, stream: bool) -> str:
+    """The generated text of an OpenAI or /generate answer, streamed (SSE) or not."""
+    if not stream:
+        body = resp.json()
+        if path == "/generate":
+            return (body[0] if isinstance(body, list) else body)["text"]  # smg answers a one-item list
+        choice = body["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"]
+    out = ""
+    for line in resp.text.splitlines():
+        if not line.startswith("data:") or line.strip() == "data: [DONE]":
+            continue
+        chunk = json.loads(line[5:])
+        if path == "/generate":
+            out = chunk["text"]  # cumulative
+        elif chunk.get("choices"):
+            c = chunk["choices"][0]
+            out += (c.get("delta", {}).get("content") or "") if "delta" in c else (c.get("text") or "")
+    return out

@@ -8,6 +8,7 @@ import signal
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from tests.pd_helpers import Prefill, load, pd_post, start_decode, start_prefill, stop_all, with_bootstrap
@@ -30,27 +31,41 @@ def _post(url: str, body: dict, timeout: float = 120) -> httpx.Response:
     return httpx.post(url, json=body, timeout=timeout)
 
 
+def pd_failures(server) -> tuple[float, float]:
+    """(sglang:num_bootstrap_failed_reqs_total, sglang:num_transfer_failed_reqs_total) of a server."""
+    values = {}
+    for fam in text_string_to_metric_families(httpx.get(server.base_url + "/metrics", timeout=30).text):
+        for sample in fam.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return (values["sglang:num_bootstrap_failed_reqs_total"], values["sglang:num_transfer_failed_reqs_total"])
+
+
 def test_bootstrap_timeout(pd):
     prefill: Prefill = pd["prefill"]
+    bootstrap_failed, transfer_failed = pd_failures(prefill.server)
     t0 = time.monotonic()
     r = _post(prefill.server.base_url + "/generate", with_bootstrap({"text": "hello", "sampling_params": {}}, prefill))
     assert r.status_code == 500 and "bootstrap timeout" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 15
     wait_idle_and_free(prefill.server)
+    assert pd_failures(prefill.server) == (bootstrap_failed + 1, transfer_failed)  # counted once, as SGLang does
 
 
 def test_waiting_timeout(pd):
     prefill, decode = pd["prefill"], pd["decode"]
+    before = sum(pd_failures(decode))
     t0 = time.monotonic()
     r = _post(decode.base_url + "/generate", with_bootstrap({"text": "hello", "sampling_params": {}}, prefill))
     assert r.status_code == 500 and "waiting timeout" in r.json()["error"]["message"]
     assert time.monotonic() - t0 < 20
     wait_idle_and_free(prefill.server, decode)
+    assert sum(pd_failures(decode)) == before + 1
 
 
 @pytest.mark.parametrize("side", ["decode", "prefill"])
 def test_abort_reaches_the_other_side(pd, side):
     prefill, decode = pd["prefill"], pd["decode"]
+    failures_before = [pd_failures(s) for s in (prefill.server, decode)]
     body = with_bootstrap({"text": LONG_PROMPT, "sampling_params": {"max_new_tokens": 8}, "rid": f"abort-{side}"},
                           prefill)
     with cf.ThreadPoolExecutor(2) as ex:
@@ -64,6 +79,7 @@ def test_abort_reaches_the_other_side(pd, side):
     assert rp.status_code == 500 and rd.status_code == 500, (rp.text, rd.text)
     assert "abort" in rp.json()["error"]["message"] and "abort" in rd.json()["error"]["message"]
     wait_idle_and_free(prefill.server, decode)
+    assert [pd_failures(s) for s in (prefill.server, decode)] == failures_before  # an abort is not a PD failure
 
 
 def test_prefill_killed_then_restarted(pd):

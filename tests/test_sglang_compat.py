@@ -224,7 +224,19 @@ def test_bench_profile_pd_separated(pd_pair):
                    decode.base_url, "--profile-output-dir", out_dir, "--profile-activities", "CPU"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             assert r.returncode == 0, r.stdout + r.stderr
-            traces = glob.glob(f"{out_dir}/*-TP-0.trace.json.gz")
-            assert len(traces) == 2, (traces, r.stderr)  # one from the prefill worker, one from the decode worker
+            traces = sorted(os.path.basename(p).split("-")[0] for p in glob.glob(f"{out_dir}/*-TP-0.trace.json.gz"))
+            assert traces == ["decode", "prefill"], (traces, r.stderr)  # one trace per worker, named by role
+        with tempfile.TemporaryDirectory() as out_dir:  # the router's own profile routes fan out to every worker
+            body = {"output_dir": out_dir, "activities": ["CPU"], "profile_prefix": "routed"}
+            r = httpx.post(router.base_url + "/start_profile", json=body, timeout=60)
+            assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text
+            assert httpx.post(router.base_url + "/generate", json=GREEDY, timeout=120).status_code == 200
+            r = httpx.post(router.base_url + "/stop_profile", timeout=300)
+            assert r.status_code == 200, r.text
+            assert len(glob.glob(f"{out_dir}/routed-*-TP-0.trace.json.gz")) == 2
+            only = {"output_dir": out_dir, "url": decode.base_url, "activities": ["CPU"]}
+            r = httpx.post(router.base_url + "/start_profile", json=only, timeout=60)
+            assert r.status_code == 200 and [x["url"] for x in r.json()["results"]] == [decode.base_url], r.text
+            assert httpx.get(router.base_url + "/stop_profile", timeout=300).status_code == 500  # prefill: not started
     finally:
         stop_server(router)

@@ -34,7 +34,7 @@ from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as pb_grpc
 
 from pdserve.config import ServerConfig
 from tests.conftest import ServerProcess, free_port, serve_for_module, stop_server
-from tests.pd_helpers import Prefill, start_decode, start_prefill, stop_all
+from tests.pd_helpers import Prefill, response_text, start_decode, start_prefill, stop_all
 
 SMG = shutil.which("smg") or os.path.join(os.path.dirname(sys.executable), "smg")
 RPC_TIMEOUT_S = 120.0
@@ -379,26 +379,6 @@ def smg_pd(request: pytest.FixtureRequest) -> Iterator[SmgPD]:
         os.unlink(router.log_path)
 
 
-def _text(path: str, resp: httpx.Response, stream: bool) -> str:
-    if not stream:
-        body = resp.json()
-        if path == "/generate":
-            return (body[0] if isinstance(body, list) else body)["text"]  # smg answers a one-item list
-        choice = body["choices"][0]
-        return choice["message"]["content"] if "message" in choice else choice["text"]
-    out = ""
-    for line in resp.text.splitlines():
-        if not line.startswith("data:") or line.strip() == "data: [DONE]":
-            continue
-        chunk = json.loads(line[5:])
-        if path == "/generate":
-            out = chunk["text"]  # cumulative
-        elif chunk.get("choices"):
-            c = chunk["choices"][0]
-            out += (c.get("delta", {}).get("content") or "") if "delta" in c else (c.get("text") or "")
-    return out
-
-
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path, body", CASES)
 def test_smg_grpc_pd_matches_unified(smg_pd, unified, path, body, stream):
@@ -407,7 +387,7 @@ def test_smg_grpc_pd_matches_unified(smg_pd, unified, path, body, stream):
     got = httpx.post(smg_pd.router.base_url + path, timeout=120,
                      json={**body, "stream": stream, "model": _model_id(smg_pd.router)})
     assert ref.status_code == 200 and got.status_code == 200, got.text
-    assert _text(path, got, stream) == _text(path, ref, stream) != ""
+    assert response_text(path, got, stream) == response_text(path, ref, stream) != ""
 
 
 def test_smg_grpc_disconnect_aborts_both_legs(smg_pd):

@@ -3,7 +3,6 @@ servers: chat, completions and /generate, streamed and not, give the unified ser
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServerProcess, free_port, stop_server
-from tests.pd_helpers import start_decode, start_prefill, stop_all
+from tests.pd_helpers import response_text, start_decode, start_prefill, stop_all
 
 SMG = shutil.which("smg") or os.path.join(os.path.dirname(sys.executable), "smg")
 CHAT = {"model": "default", "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 12,
@@ -23,26 +22,6 @@ CHAT = {"model": "default", "messages": [{"role": "user", "content": "Name a col
 COMPLETION = {"model": "default", "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
 GENERATE = {"text": "Once upon a time", "sampling_params": {"max_new_tokens": 12, "temperature": 0}}
 CASES = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION), ("/generate", GENERATE)]
-
-
-def _text(path: str, resp: httpx.Response, stream: bool) -> str:
-    if not stream:
-        body = resp.json()
-        if path == "/generate":
-            return body["text"]
-        choice = body["choices"][0]
-        return choice["message"]["content"] if "message" in choice else choice["text"]
-    out = ""
-    for line in resp.text.splitlines():
-        if not line.startswith("data:") or line.strip() == "data: [DONE]":
-            continue
-        chunk = json.loads(line[5:])
-        if path == "/generate":
-            out = chunk["text"]  # cumulative
-        elif chunk.get("choices"):
-            c = chunk["choices"][0]
-            out += (c.get("delta", {}).get("content") or "") if "delta" in c else (c.get("text") or "")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -84,4 +63,4 @@ def test_smg_pd_matches_unified(smg_router, server, path, body, stream):
     ref = httpx.post(server.base_url + path, json=body, timeout=120)
     got = httpx.post(smg_router.base_url + path, json=body, timeout=120)
     assert ref.status_code == 200 and got.status_code == 200, got.text
-    assert _text(path, got, stream) == _text(path, ref, stream) != ""
+    assert response_text(path, got, stream) == response_text(path, ref, stream) != ""

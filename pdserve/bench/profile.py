@@ -14,14 +14,19 @@ from pdserve.bench.config import BenchConfig
 PROFILE_CALL_TIMEOUT_S = 120.0  # a stop writes the trace first
 
 
-def profile_targets(cfg: BenchConfig) -> list[str]:
+def profile_targets(cfg: BenchConfig) -> list[tuple[str, str | None]]:
+    """(worker URL, trace file prefix): with --pd-separated the prefix names the role, so that traces written to
+    one directory tell prefill from decode."""
     if cfg.pd_separated:
-        return [u.rstrip("/") for u in (*cfg.profile_prefill_urls, *cfg.profile_decode_urls)]
-    return [cfg.base_url.rstrip("/")]
+        return [(u.rstrip("/"), role) for role, urls in (("prefill", cfg.profile_prefill_urls),
+                                                         ("decode", cfg.profile_decode_urls)) for u in urls]
+    return [(cfg.base_url.rstrip("/"), None)]
 
 
-def profile_body(cfg: BenchConfig) -> dict[str, object]:
+def profile_body(cfg: BenchConfig, prefix: str | None = None) -> dict[str, object]:
     body: dict[str, object] = {"activities": list(cfg.profile_activities), "profile_by_stage": cfg.profile_by_stage}
+    if prefix is not None:
+        body["profile_prefix"] = prefix
     if cfg.profile_num_steps is not None:
         body["num_steps"] = cfg.profile_num_steps
     if cfg.profile_output_dir is not None:
@@ -42,15 +47,24 @@ async def _call(session: aiohttp.ClientSession, cfg: BenchConfig, url: str, body
 
 
 async def start_profile(session: aiohttp.ClientSession, cfg: BenchConfig) -> list[str]:
-    return list(await asyncio.gather(*(_call(session, cfg, u + "/start_profile", profile_body(cfg))
-                                       for u in profile_targets(cfg))))
+    """Start every target; if one refuses, stop the ones that started and raise."""
+    targets = profile_targets(cfg)
+    answers = await asyncio.gather(*(_call(session, cfg, u + "/start_profile", profile_body(cfg, prefix))
+                                     for u, prefix in targets), return_exceptions=True)
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    if failed:
+        started = [u for (u, _), a in zip(targets, answers) if not isinstance(a, BaseException)]
+        await asyncio.gather(*(_call(session, cfg, u + "/stop_profile", None) for u in started),
+                             return_exceptions=True)
+        raise failed[0]
+    return [str(a) for a in answers]
 
 
 async def stop_profile(session: aiohttp.ClientSession, cfg: BenchConfig) -> list[str]:
     """Each worker's answer (it names the trace files). A worker that already stopped by itself (num_steps)
     answers 400 'not in progress': that is not an error here."""
     answers = []
-    for url in profile_targets(cfg):
+    for url, _ in profile_targets(cfg):
         try:
             answers.append(await _call(session, cfg, url + "/stop_profile", None))
         except BenchError as e:

@@ -202,6 +202,32 @@ async def _warmup(session: aiohttp.ClientSession, cfg: BenchConfig, model: str, 
         raise BenchError(f"warmup failed ({cfg.url}): {recs[0].error}")
 
 
+async def _measure(session: aiohttp.ClientSession, cfg: BenchConfig, model: str,
+                   rng: random.Random) -> tuple[_Run, int]:
+    """The measured run: (its state, how many planned requests were not sent)."""
+    if cfg.dataset == "interference":
+        decode_specs = [datasets.decode_request(cfg, rng, i) for i in range(cfg.num_decode_streams)]
+        long_specs = datasets.long_requests(cfg, rng, cfg.num_decode_streams)
+        planned = len(decode_specs) + len(long_specs)
+        counter = itertools.count(planned)
+        _log(cfg, f"interference: {len(decode_specs)} decode streams ({cfg.decode_output_len} tokens each, "
+                  f"restarted while long prompts run), {len(long_specs)} long prompts of {cfg.long_prompt_len} "
+                  f"tokens at {cfg.long_prompt_rate:g}/s after {cfg.long_prompt_delay:g} s")
+        run = _Run(session, cfg, model, planned)
+        await _run_interference(run, decode_specs, long_specs, rng, lambda: next(counter))
+        sent = {r.index for r in run.records}
+        not_sent = sum(1 for s in (*decode_specs, *long_specs) if s.index not in sent)
+    else:
+        specs = datasets.build_requests(cfg, rng)
+        rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g}/s"
+        _log(cfg, f"{cfg.dataset}: {len(specs)} requests, request rate {rate}, "
+                  f"max concurrency {cfg.max_concurrency or 'not set'}")
+        run = _Run(session, cfg, model, len(specs))
+        await _run_requests(run, specs, rng)
+        not_sent = len(specs) - len(run.records)
+    return run, not_sent
+
+
 async def run_benchmark(config: BenchConfig) -> BenchResult:
     """One run against one endpoint. Raises BenchError when it cannot start (no server, no model, warmup
     failed); failed measured requests are recorded, not raised."""
@@ -214,30 +240,13 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             for answer in await start_profile(session, cfg):
                 _log(cfg, f"profile: {answer.strip()}")
         started_at = time.time()
-        if cfg.dataset == "interference":
-            decode_specs = [datasets.decode_request(cfg, rng, i) for i in range(cfg.num_decode_streams)]
-            long_specs = datasets.long_requests(cfg, rng, cfg.num_decode_streams)
-            planned = len(decode_specs) + len(long_specs)
-            counter = itertools.count(planned)
-            _log(cfg, f"interference: {len(decode_specs)} decode streams ({cfg.decode_output_len} tokens each, "
-                      f"restarted while long prompts run), {len(long_specs)} long prompts of {cfg.long_prompt_len} "
-                      f"tokens at {cfg.long_prompt_rate:g}/s after {cfg.long_prompt_delay:g} s")
-            run = _Run(session, cfg, model, planned)
-            await _run_interference(run, decode_specs, long_specs, rng, lambda: next(counter))
-            sent = {r.index for r in run.records}
-            not_sent = sum(1 for s in (*decode_specs, *long_specs) if s.index not in sent)
-        else:
-            specs = datasets.build_requests(cfg, rng)
-            rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g}/s"
-            _log(cfg, f"{cfg.dataset}: {len(specs)} requests, request rate {rate}, "
-                      f"max concurrency {cfg.max_concurrency or 'not set'}")
-            run = _Run(session, cfg, model, len(specs))
-            await _run_requests(run, specs, rng)
-            not_sent = len(specs) - len(run.records)
-        duration = time.perf_counter() - run.t0
-        if cfg.profile:
-            for answer in await stop_profile(session, cfg):
-                _log(cfg, f"profile: {answer}")
+        try:
+            run, not_sent = await _measure(session, cfg, model, rng)
+            duration = time.perf_counter() - run.t0
+        finally:  # never leave the workers recording (the profiler keeps every event in memory)
+            if cfg.profile:
+                for answer in await stop_profile(session, cfg):
+                    _log(cfg, f"profile: {answer}")
     if not_sent:
         _log(cfg, f"--duration-limit {cfg.duration_limit:g} s reached: {not_sent} request(s) not sent")
     records = sorted(run.records, key=lambda r: r.index)

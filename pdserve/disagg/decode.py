@@ -275,7 +275,7 @@ class DecodeEngine:
             asked = st.extra.get("prefill_dp_rank")
             if asked is not None and asked >= len(peer.ranks):
                 outs.append(self._fail(req, f"disagg_prefill_dp_rank {asked} is out of range: the prefill at "
-                                            f"{st.peer} has {len(peer.ranks)} dp ranks"))
+                                            f"{st.peer} has {len(peer.ranks)} dp ranks", client_abort=True))
                 continue
             n = len(req.prompt_ids)
             busy = len(sched.running) + len(self.transferring)
@@ -355,7 +355,8 @@ class DecodeEngine:
             if req is None or req.disagg.nonce != msg.nonce:
                 return []  # late news of an earlier use of this room
             if not msg.ok:
-                return [self._fail(req, msg.error or "prefill reported a failed transfer", prefill_done=True)]
+                return [self._fail(req, msg.error or "prefill reported a failed transfer", prefill_done=True,
+                                   client_abort=msg.client_abort)]
             out = self._join(req, msg)
             return [] if out is None else [out]
         if isinstance(msg, AbortRoom):  # a prefill gives up (it answers TransferDone for what it held)
@@ -381,9 +382,10 @@ class DecodeEngine:
         del self.rooms[st.room]
         meta.free(st.meta_row)
         st.meta_row = None
-        sent = st.extra["destination_sent"]
-        self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, now() - sent,
-                                        st.extra.get("bootstrap_s", 0.0), sent - req.arrival_time)
+        # The write's time is the prefill's (from here it would include the prefill's queue and compute).
+        sent, bootstrap_s = st.extra["destination_sent"], st.extra.get("bootstrap_s", 0.0)
+        self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, done.transfer_ms / 1e3,
+                                        bootstrap_s, max(sent - req.arrival_time - bootstrap_s, 0.0))
         st.state = TransferState.SUCCESS
         req.num_computed_tokens = len(req.prompt_ids)
         req.num_cached_tokens = row.cached_tokens
@@ -413,7 +415,7 @@ class DecodeEngine:
               client_abort: bool = False) -> RequestOutput:
         """End a request that is not running yet. prefill_done: the prefill said it will not write (its
         TransferDone); otherwise a destination it was given is quarantined and the prefill is told.
-        client_abort: the client gave up (not counted as a PD failure)."""
+        client_abort: the client gave up or asked for what cannot be (not counted as a PD failure)."""
         st: RoomState = req.disagg
         if st.state is not TransferState.SUCCESS:
             if not client_abort:

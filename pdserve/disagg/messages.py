@@ -113,6 +113,8 @@ class TransferDone(WireMessage, frozen=True):
     nonce: NonNegative = 0  # the destination's (0: the prefill never had one for this room)
     error: Text | None = None
     meta_bytes: bytes | None = None  # the metadata row, sent inline only by backends that move no data
+    transfer_ms: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0  # ok: how long the prefill's KV write took
+    client_abort: bool = False  # not ok because a client aborted (not a PD failure: /metrics does not count it)
 
 
 class AbortRoom(WireMessage, frozen=True):

@@ -127,19 +127,27 @@ class PrefillEngine:
         if room in self.destinations:
             self._attach(req, self.destinations.pop(room)[0])
 
-    def abort(self, rid: str, reason: str = "aborted") -> RequestOutput | None:
+    def abort(self, rid: str, reason: str = "aborted", by_client: bool = True) -> RequestOutput | None:
+        """by_client: the client gave up (the engine loop's AbortRequest), not a PD failure."""
         req = self.engine.requests.get(rid) or self.transferring.get(rid)
         if req is None:
             return None
         st: RoomState = req.disagg
         if st.state is TransferState.TRANSFERRING:  # cannot free slots the backend is reading: finish later
-            st.aborted, st.extra["client_abort"] = reason, True
+            st.aborted, st.extra["not_a_failure"] = reason, True
+            self._abandon_write(st)
             return None
         self.bootstrapping.pop(st.room, None)
         self.waiting_input.pop(st.room, None)
-        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce,
+        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, client_abort=by_client,
                                       error=f"prefill aborted the request: {reason}"))
         return self._finish_room(req, reason)
+
+    def _abandon_write(self, st: RoomState) -> None:
+        """Tell every rank's worker to stop this room's write at the next poll (once)."""
+        if not st.extra.get("abandoned"):
+            st.extra["abandoned"] = True
+            self._abandon.append(st.handle)
 
     def step(self) -> list[RequestOutput]:
         outs = self._handle_control()
@@ -206,7 +214,7 @@ class PrefillEngine:
             dest = self.destinations.pop(msg.room, None)
             rid = self.room_rid.get(msg.room)
             if rid is not None:
-                out = self.abort(rid, f"decode aborted: {msg.reason}")  # tells the decode once it is safe
+                out = self.abort(rid, f"decode aborted: {msg.reason}", by_client=False)  # tells it once safe
                 return [] if out is None else [out]
             # Not a live request here: nothing will be written; say so, so the decode frees the destination.
             self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
@@ -340,7 +348,7 @@ class PrefillEngine:
                 del self.waiting_input[room]
             elif t >= req.disagg.deadline:
                 self.link.stats.count_failure(in_bootstrap=False)
-                out = self.abort(req.rid, f"the prefill did not compute room {room} within "
+                out = self.abort(req.rid, by_client=False, reason=f"the prefill did not compute room {room} within "
                                           f"{ENVS.disagg_waiting_timeout_s:.0f} s "
                                           "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
                 if out is not None:
@@ -416,10 +424,10 @@ class PrefillEngine:
         t = now()
         for req in self.transferring.values():
             st: RoomState = req.disagg
-            if t >= st.deadline and not st.aborted:  # a hung peer: every rank's worker abandons the write
-                st.aborted = (f"KV transfer to the decode did not finish within "
-                              f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
-                self._abandon.append(st.handle)
+            if t >= st.deadline and not st.extra.get("abandoned"):  # a hung peer: every rank's worker gives up
+                st.aborted = st.aborted or (f"KV transfer to the decode did not finish within "
+                                            f"{ENVS.disagg_transfer_timeout_s:.0f} s (PDSERVE_TRANSFER_TIMEOUT)")
+                self._abandon_write(st)
         reqs = list(self.transferring.values())
         ids = [r.disagg.handle for r in reqs]
         abandon, self._abandon = self._abandon, []
@@ -432,7 +440,7 @@ class PrefillEngine:
                 done.append((req, state))
             elif failed and not st.aborted:  # a rank failed while another still writes: stop it everywhere
                 st.aborted = "KV transfer to the decode server failed"
-                self._abandon.append(st.handle)
+                self._abandon_write(st)
         if done:  # forget them on every rank (the KV stays ours until every rank's worker stopped reading)
             released = [req.disagg.handle for req, _ in done]
             self.link.rank_call(encode_command(PollWrites([], [], released)))
@@ -445,10 +453,12 @@ class PrefillEngine:
             row = st.extra.pop("local_row")
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
-                self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token,
-                                                now() - st.extra["transfer_start"], st.extra.get("bootstrap_s", 0.0))
+                transfer_s = now() - st.extra["transfer_start"]
+                self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, transfer_s,
+                                                st.extra.get("bootstrap_s", 0.0))
                 meta = None if self.link.moves_data else self.link.meta.row_view(row)
-                self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta))
+                self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta,
+                                              transfer_ms=transfer_s * 1e3))
                 self.link.meta.free(row)
                 self.engine.scheduler.kv.release(req)
                 self.room_rid.pop(st.room, None)
@@ -456,9 +466,11 @@ class PrefillEngine:
             else:
                 self.link.meta.free(row)
                 reason = st.aborted or "KV transfer to the decode server failed"
-                if not st.extra.get("client_abort"):
+                not_a_failure = bool(st.extra.get("not_a_failure"))
+                if not not_a_failure:
                     self.link.stats.count_failure(in_bootstrap=False)
-                self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
+                self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason,
+                                              client_abort=not_a_failure))
                 self.engine.scheduler.kv.release(req)
                 outs.append(self._finish_room(req, reason))
         return outs

@@ -207,8 +207,9 @@ def _process_name(config: EngineConfig) -> str:
 
 
 def _resolve(waiters: collections.deque, value) -> None:
-    while waiters:
+    """The engine answers each control request exactly once, in order: the reply is the oldest waiter's. A waiter
+    that gave up (a caller's timeout) has its reply dropped, never handed to the next caller."""
+    if waiters:
         w = waiters.popleft()
         if not w.done():
             w.set_result(value)
-            return

@@ -1,13 +1,17 @@
 """torch.profiler over the engine loop's model steps, driven by /start_profile and /stop_profile (SGLang's API).
 
 Traces go to `{output_dir}/{prefix-}{profile_id}-TP-{rank}.trace.json.gz` (SGLang's names; `-EXTEND` / `-DECODE`
-before the extension with profile_by_stage) and open in Perfetto or chrome://tracing. Each model step is one
+before the extension with profile_by_stage) and open in Perfetto or chrome://tracing. Each engine step is one
 `pdserve_step` range; by stage, one recording is split afterwards by those ranges: a step that computes prompt
-tokens is EXTEND, a step of decodes only is DECODE. Only this process (TP rank 0, the scheduler) is recorded.
+tokens is EXTEND, a step of decodes only is DECODE (with num_steps, each stage records that many, as SGLang's
+by-stage profiling does). `start_step` counts model steps from the start request. Only this process (TP rank 0,
+the scheduler) is recorded. A profiler that fails (cannot start, cannot write its trace) fails the profile request,
+never the engine.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import logging
@@ -24,7 +28,7 @@ from pdserve.envs import ENVS
 logger = logging.getLogger(__name__)
 
 STEP_RANGE = "pdserve_step"
-_ACTIVITIES = ("CPU", "GPU", "MEM", "CUDA_PROFILER", "RPD")
+_ACTIVITIES = ("CPU", "GPU", "MEM")
 
 
 class StepProfiler:
@@ -39,17 +43,18 @@ class StepProfiler:
         self._stages: list[str] = []  # stage of each recorded model step, in order
         self._profile_id = ""
 
-    @property
-    def active(self) -> bool:
-        return self._request is not None
-
     def handle(self, req: ProfileRequest) -> ProfileResult:
         if req.start:
             return self._start(req)
         if self._request is None:
             return ProfileResult(False, "Profiling is not in progress. Call /start_profile first.")
-        files = self._stop()
-        return ProfileResult(True, "Stop profiling. Traces: " + ", ".join(files), files)
+        try:
+            files = self._stop()
+        except Exception as e:  # noqa: BLE001 - a trace that cannot be written fails this request only
+            logger.exception("profiler stop failed")
+            return ProfileResult(False, f"profiling stopped, but its trace could not be written: {e}")
+        return ProfileResult(True, "Stop profiling. Traces: " + (", ".join(files) or "none (no model step ran)"),
+                             tuple(files))
 
     def run_step(self, step: Callable[[], list], forward_of: Callable[[], object]) -> list:
         """One engine step; recorded as a range when profiling (counted only when a model step ran)."""
@@ -61,7 +66,11 @@ class StepProfiler:
             if forward_of() is not before:
                 self._steps_to_skip -= 1
                 if self._steps_to_skip <= 0 and self._profile is None:
-                    self._begin()
+                    try:
+                        self._begin()
+                    except Exception:  # noqa: BLE001 - logged; the engine goes on unprofiled
+                        logger.exception("the torch profiler could not start")
+                        self._request = None
             return outs
         before = forward_of()
         with torch.profiler.record_function(STEP_RANGE):
@@ -70,11 +79,22 @@ class StepProfiler:
         if forward is not before and forward is not None:
             self._stages.append("EXTEND" if getattr(forward, "prefills", None) else "DECODE")
             self._num_recorded += 1
-            if self._request.num_steps is not None and self._num_recorded >= self._request.num_steps:
-                self._stop()
+            if self._recorded_enough():
+                try:
+                    self._stop()
+                except Exception:  # noqa: BLE001 - logged; the engine goes on
+                    logger.exception("profiler stop after num_steps failed; no trace written")
         else:
             self._stages.append("")  # a step range without a model run: belongs to no stage
         return outs
+
+    def _recorded_enough(self) -> bool:
+        req = self._request
+        if req is None or req.num_steps is None:
+            return False
+        if req.profile_by_stage:
+            return all(self._stages.count(stage) >= req.num_steps for stage in ("EXTEND", "DECODE"))
+        return self._num_recorded >= req.num_steps
 
     # ---- internals ------------------------------------------------------------------------------------
     def _start(self, req: ProfileRequest) -> ProfileResult:
@@ -85,7 +105,7 @@ class StepProfiler:
             return ProfileResult(False, f"unknown profiler activities {unknown}; expected some of {list(_ACTIVITIES)}")
         if req.num_steps is not None and req.num_steps <= 0:
             return ProfileResult(False, "num_steps must be positive")
-        out_dir = req.output_dir or ENVS.torch_profiler_dir
+        out_dir = os.path.expanduser(req.output_dir or ENVS.torch_profiler_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=out_dir):
@@ -97,7 +117,11 @@ class StepProfiler:
         self._num_recorded, self._stages = 0, []
         self._steps_to_skip = req.start_step or 0
         if self._steps_to_skip <= 0:
-            self._begin()
+            try:
+                self._begin()
+            except Exception as e:  # noqa: BLE001 - e.g. another profiler is active in this process
+                self._request, self._profile = None, None
+                return ProfileResult(False, f"the torch profiler could not start: {e}")
         return ProfileResult(True, "Start profiling.\n")
 
     def _begin(self) -> None:
@@ -117,7 +141,7 @@ class StepProfiler:
         if req is None or prof is None:  # stopped before the first recorded step
             return []
         prof.stop()
-        out_dir = req.output_dir or ENVS.torch_profiler_dir
+        out_dir = os.path.expanduser(req.output_dir or ENVS.torch_profiler_dir)
         prefix = f"{req.profile_prefix}-" if req.profile_prefix else ""
         base = os.path.join(out_dir, f"{prefix}{self._profile_id}-TP-{self._tp_rank}")
         fd, raw_path = tempfile.mkstemp(suffix=".json", dir=out_dir)
@@ -144,17 +168,23 @@ def _write(path: str, trace: dict) -> str:
 
 
 def _only_stage(trace: dict, stages: list[str], stage: str) -> dict:
-    """The events inside the step ranges of one stage (metadata events kept)."""
+    """The events inside the step ranges of one stage (metadata events kept). Step ranges never overlap (one
+    step at a time), so each event's range is found by bisection: O(events x log steps)."""
     events = trace.get("traceEvents", [])
     steps = sorted((e for e in events if e.get("name") == STEP_RANGE and e.get("ph") == "X"
-                    and e.get("cat") == "user_annotation"), key=lambda e: e["ts"])
+                    and e.get("cat") == "user_annotation"), key=lambda e: float(e["ts"]))
+    if len(steps) != len(stages):
+        logger.warning("profiler: %d step ranges in the trace for %d steps; the stage split may be off",
+                       len(steps), len(stages))
     windows = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
                for e, s in zip(steps, stages) if s == stage]
+    starts = [lo for lo, _ in windows]
 
     def inside(e: dict) -> bool:
         if "ts" not in e or e.get("ph") == "M":
             return True
         ts = float(e["ts"])
-        return any(lo <= ts <= hi for lo, hi in windows)
+        i = bisect.bisect_right(starts, ts) - 1
+        return i >= 0 and ts <= windows[i][1]
 
     return {**trace, "traceEvents": [e for e in events if inside(e)]}

@@ -222,14 +222,15 @@ class Scheduler:
                 self.kv.match_prefix(req)
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = req.num_computed_tokens
-                    self.stats.num_admitted_prompt_tokens += len(req.prompt_ids)
-                    self.stats.num_admitted_cached_tokens += req.num_cached_tokens
             n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
             # Keep room for every running decode to grow one token after this admission.
             if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
                 break
             self.waiting.remove(req)
             self.stats.queue_time.observe(time.monotonic() - req.queued_at)
+            if req.num_preemptions == 0:  # first admission (a preempted request is counted once, before)
+                self.stats.num_admitted_prompt_tokens += len(req.prompt_ids)
+                self.stats.num_admitted_cached_tokens += req.num_cached_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.prefills.append(ScheduledSeq(req, n))

@@ -29,10 +29,6 @@ class CumulativeHistogram:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
 
 @dataclass
 class TransferFigures:

@@ -147,9 +147,14 @@ def model_display_name(path: str) -> str:
     """The name a model is served under by default (SGLang serves a model under its path; for a GGUF deep in
     site-packages that is unusable as an OpenAI `model`): a directory's name, or a GGUF file's name without its
     extension and quantization suffix (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
-    base = os.path.basename(os.path.normpath(path))
+    path = os.path.normpath(path)
+    base = os.path.basename(path)
     if base.lower().endswith(".gguf"):
-        base = _QUANT_SUFFIX.sub("", base[:-5]) or base[:-5]
+        return _QUANT_SUFFIX.sub("", base[:-5]) or base[:-5]
+    parent = os.path.dirname(path)
+    repo = os.path.basename(os.path.dirname(parent))
+    if os.path.basename(parent) == "snapshots" and repo.startswith("models--"):  # the HF cache: the repo's name
+        return repo.rsplit("--", 1)[-1]
     return base
 
 

@@ -21,6 +21,7 @@ from pdserve.server.errors import error_body
 
 logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})
+PROFILE_TIMEOUT_S = 300.0  # a worker's /stop_profile writes its trace first
 MODEL_INFO_TTL_S = 5.0  # /v1/models and /get_model_info answers are reused this long (cleared by /workers changes)
 STATE = web.AppKey("state", RouterState)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -183,9 +184,12 @@ def create_app(state: RouterState) -> web.Application:
     r.add_get("/metrics", metrics)
 
     # ---- control ---------------------------------------------------------------------------------------
-    async def fan_out(path: str, data: bytes | None) -> web.Response:
-        workers = registry.all()
-        answers = await asyncio.gather(*(proxy.call(w, "POST", path, data) for w in workers))
+    async def fan_out(path: str, data: bytes | None, timeout_s: float = 30.0,
+                      only_url: str | None = None) -> web.Response:
+        workers = [w for w in registry.all() if only_url is None or w.url == only_url.rstrip("/")]
+        if not workers:
+            return error_response(f"no worker {only_url}" if only_url else "no workers", 404)
+        answers = await asyncio.gather(*(proxy.call(w, "POST", path, data, timeout_s) for w in workers))
         results = [{"url": w.url, "role": w.role, "status": s, "body": b.decode(errors="replace")[:500]}
                    for w, (s, b, _) in zip(workers, answers)]
         failed = [x["url"] for x in results if x["status"] != 200]
@@ -200,6 +204,21 @@ def create_app(state: RouterState) -> web.Application:
     async def abort_request(request: web.Request) -> web.Response:
         return await fan_out("/abort_request", await request.read())
 
+    async def profile(request: web.Request, path: str) -> web.Response:
+        """SMG's gateway profile routes: every worker (or the one named by "url") records, as bench_serving asks."""
+        try:
+            body = await _json_body(request)
+        except payload.BadRequest as e:
+            return error_response(str(e), 400)
+        only_url = body.pop("url", None)
+        if only_url is not None and not isinstance(only_url, str):
+            return error_response("url must be a string", 400)
+        data = orjson.dumps(body) if path == "/start_profile" else None
+        return await fan_out(path, data, PROFILE_TIMEOUT_S, only_url)
+
+    for path in ("/start_profile", "/stop_profile"):
+        r.add_post(path, lambda request, p=path: profile(request, p))
+        r.add_get(path, lambda request, p=path: profile(request, p))
     r.add_post("/flush_cache", flush_cache)
     r.add_get("/flush_cache", flush_cache)
     r.add_post("/abort_request", abort_request)

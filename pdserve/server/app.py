@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from pdserve import __version__
+from pdserve.engine.client import EngineDiedError
 from pdserve.engine.dp_client import loads_per_rank
+from pdserve.engine.messages import LoadReport
 from pdserve.server import protocol
 from pdserve.server.auth import APIKeyMiddleware
 from pdserve.server.errors import error_response, install_error_handlers
@@ -16,9 +20,23 @@ from pdserve.server.state import ServerState, health_generate, model_info, serve
 from pdserve.server.streaming import ClientDisconnected, json_response, read_json
 
 
+CONTROL_TIMEOUT_S = 30.0  # an engine control round trip (load report, flush)
+INFO_LOADS_TIMEOUT_S = 5.0  # /server_info answers with the last load report after this
+PROFILE_TIMEOUT_S = 300.0  # a stop writes the trace first
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="pdserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pd = state
+
+    async def refresh_loads(timeout_s: float) -> list[LoadReport] | None:
+        """Each dp rank's load report, also fed to /metrics; None when the engine did not answer in time."""
+        try:
+            loads = await asyncio.wait_for(loads_per_rank(state.client), timeout_s)
+        except (asyncio.TimeoutError, EngineDiedError):
+            return None
+        state.metrics.update_loads(loads)
+        return loads
     install_error_handlers(app)
     if state.config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
@@ -59,7 +77,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/server_info")
     @app.get("/get_server_info")
     async def get_server_info() -> Response:
-        state.metrics.update_loads(await loads_per_rank(state.client))  # fresh internal_states
+        await refresh_loads(INFO_LOADS_TIMEOUT_S)  # fresh internal_states; the last ones if the engine is busy
         return json_response(server_info(state))
 
     @app.get("/model_info")
@@ -69,8 +87,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/get_load")
     async def get_load() -> Response:
-        loads = await loads_per_rank(state.client)
-        state.metrics.update_loads(loads)
+        loads = await refresh_loads(CONTROL_TIMEOUT_S)
+        if loads is None:
+            return error_response("the engine did not report its load in time", 503)
         return json_response([{
             "dp_rank": rank, "num_reqs": load.num_reqs, "num_waiting_reqs": load.num_waiting_reqs,
             "num_tokens": load.num_tokens, "max_total_tokens": load.max_total_tokens, **load.extra,
@@ -83,13 +102,13 @@ def create_app(state: ServerState) -> FastAPI:
             include = parse_include(request.query_params.get("include"))
         except ValueError as e:
             return error_response(str(e), 400, param="include")
-        state.metrics.update_loads(await loads_per_rank(state.client))
+        await refresh_loads(CONTROL_TIMEOUT_S)  # else the last report
         return json_response(worker_loads(state.metrics.engine, include, state.config.engine.disaggregation_mode,
                                           state.weight_bytes))
 
     @app.get("/metrics")
     async def metrics() -> Response:  # scheduler gauges per data parallel rank (label dp_rank)
-        state.metrics.update_loads(await loads_per_rank(state.client))
+        await refresh_loads(CONTROL_TIMEOUT_S)  # else the last report
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     # ---- control ---------------------------------------------------------------------------------------
@@ -104,13 +123,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/start_profile")
     async def start_profile(request: Request) -> Response:
         body = await read_json(request) if await request.body() else None
-        result = await state.client.profile(protocol.parse_profile(body, start=True))
+        result = await asyncio.wait_for(state.client.profile(protocol.parse_profile(body, start=True)),
+                                        PROFILE_TIMEOUT_S)
         return Response(result.message, media_type="text/plain") if result.ok else error_response(result.message, 400)
 
     @app.get("/stop_profile")
     @app.post("/stop_profile")
     async def stop_profile() -> Response:
-        result = await state.client.profile(protocol.parse_profile(None, start=False))
+        result = await asyncio.wait_for(state.client.profile(protocol.parse_profile(None, start=False)),
+                                        PROFILE_TIMEOUT_S)
         return Response(result.message + "\n", media_type="text/plain") if result.ok else error_response(
             result.message, 400)
 

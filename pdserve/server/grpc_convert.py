@@ -23,6 +23,7 @@ from pdserve.engine.stats import EngineStats, PDStats
 from pdserve.sampling_params import MAX_INT32, SamplingParams
 from pdserve.server.errors import BadRequestError
 from pdserve.server.generation import GenInput, GenResult
+from pdserve.server.loads import aggregate_loads
 from pdserve.server.metrics import EngineCollector
 from pdserve.server.protocol import MAX_N, MAX_TOP_LOGPROBS, bootstrap_info, routed_dp_rank, sampling_for_choice
 
@@ -185,14 +186,9 @@ def scheduler_load(engine: EngineCollector, rank: int, sections: set[str], mode:
 
 
 def aggregate(loads: Sequence[pb.SchedulerLoad]) -> pb.AggregateMetrics:
-    n = max(len(loads), 1)
-    return pb.AggregateMetrics(
-        total_running_reqs=sum(x.num_running_reqs for x in loads),
-        total_waiting_reqs=sum(x.num_waiting_reqs for x in loads),
-        total_reqs=sum(x.num_total_reqs for x in loads),
-        avg_token_usage=sum(x.token_usage for x in loads) / n,
-        avg_utilization=sum(x.utilization for x in loads) / n,
-    )
+    """The same aggregate as /v1/loads (server/loads.aggregate_loads)."""
+    fields = ("num_running_reqs", "num_waiting_reqs", "token_usage", "gen_throughput", "utilization")
+    return pb.AggregateMetrics(**aggregate_loads([{f: getattr(x, f) for f in fields} for x in loads]))
 
 
 def to_struct(d: dict[str, object]) -> Struct:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime
 import glob
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from pdserve import __version__
 from pdserve.engine.stats import EngineStats, PDStats
@@ -74,18 +75,23 @@ def worker_loads(engine: EngineCollector, include: set[str], disaggregation_mode
                 "kv_transfer_speed_gb_s": round(pd.last_transfer.speed_gb_s, 4),
             })
         loads.append(entry)
-    running = sum(int(x["num_running_reqs"]) for x in loads)
-    waiting = sum(int(x["num_waiting_reqs"]) for x in loads)
-    num = max(len(loads), 1)
     return {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": __version__,
         "dp_rank_count": len(loads),
         "loads": loads,
-        "aggregate": {
-            "total_running_reqs": running, "total_waiting_reqs": waiting, "total_reqs": running + waiting,
-            "avg_token_usage": round(sum(float(x["token_usage"]) for x in loads) / num, 4),
-            "avg_throughput": round(sum(float(x["gen_throughput"]) for x in loads) / num, 2),
-            "avg_utilization": round(sum(float(x["utilization"]) for x in loads) / num, 4),
-        },
+        "aggregate": aggregate_loads(loads),
+    }
+
+
+def aggregate_loads(loads: Sequence[Mapping[str, Any]]) -> dict[str, int | float]:
+    """SMG's EngineAggregateMetricsSnapshot of per-rank entries: counts sum, ratios average (rounded as it does)."""
+    running = sum(int(x["num_running_reqs"]) for x in loads)
+    waiting = sum(int(x["num_waiting_reqs"]) for x in loads)
+    num = max(len(loads), 1)
+    return {
+        "total_running_reqs": running, "total_waiting_reqs": waiting, "total_reqs": running + waiting,
+        "avg_token_usage": round(sum(float(x["token_usage"]) for x in loads) / num, 4),
+        "avg_throughput": round(sum(float(x["gen_throughput"]) for x in loads) / num, 2),
+        "avg_utilization": round(sum(float(x["utilization"]) for x in loads) / num, 4),
     }

@@ -56,7 +56,7 @@ _SCHEDULER_GAUGES = {
     "kv_transfer_latency_ms": "The transfer latency of the KV cache in ms.",
     "kv_transfer_bootstrap_ms": "The bootstrap time of the KV transfer in ms.",
     "kv_transfer_alloc_ms": "The allocation waiting time of the KV transfer in ms.",
-    "kv_transfer_total_mb": "The total number of tokens transferred in the KV cache.",
+    "kv_transfer_total_mb": "The size of the latest KV transfer in MB.",
 }
 _SCHEDULER_COUNTERS = {
     "num_bootstrap_failed_reqs": "The number of bootstrap failed requests.",
@@ -112,6 +112,11 @@ class EngineCollector:
         self._rates: dict[int, _RankRates] = {}
 
     def update(self, loads: Sequence[LoadReport]) -> None:
+        old = self._loads
+        if len(old) == len(loads) and any(
+                a.stats is not None and b.stats is not None and b.stats.time_s < a.stats.time_s
+                for a, b in zip(old, loads)):
+            return  # an older report than the one held (counters must not go backwards)
         self._loads = list(loads)
         for rank, load in enumerate(loads):
             if load.stats is not None:
@@ -152,7 +157,7 @@ class EngineCollector:
         stats = load.stats or EngineStats()
         pd = stats.pd or PDStats()
         rates = self._rates.get(rank) or _RankRates(stats)
-        num_running = load.num_reqs - load.num_waiting_reqs
+        num_running = load.num_reqs - load.num_waiting_reqs - pd.num_decode_transfer_queue_reqs  # in the batch
         return {
             "num_running_reqs": num_running, "num_queue_reqs": load.num_waiting_reqs,
             "num_used_tokens": load.num_tokens, "max_total_num_tokens": load.max_total_tokens,

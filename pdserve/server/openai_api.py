@@ -55,6 +55,9 @@ def _usage(prompts: Sequence[Sequence[int]], choices: Sequence[_Choice], complet
 def _bootstrap_of(common: OpenAICommon, index: int, num_choices: int) -> BootstrapInfo | None:
     """The PD fields of one choice: the request's, or its entry of SGLang's list form."""
     if not common.bootstrap_per_choice:
+        if common.bootstrap is not None and num_choices > 1:  # the prefill would refuse the second use of the room
+            raise BadRequestError(f"{num_choices} prompts with PD disaggregation need one bootstrap_room each "
+                                  "(a list)", param="bootstrap_room")
         return common.bootstrap
     if len(common.bootstrap_per_choice) != num_choices:
         raise BadRequestError(f"bootstrap_room has {len(common.bootstrap_per_choice)} entries for {num_choices} "
