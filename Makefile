@@ -5,9 +5,31 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: setup serve test clean
+# Load generators written elsewhere (tests/test_load_generators.py, benchmarks/load_generators.py), each in its
+# own venv so that their dependencies never touch .venv. guidellm needs torch: the CPU wheel pdserve pins.
+TOOLS := .venv-tools
+AIPERF_VERSION := 0.13.0
+GUIDELLM_VERSION := 0.8.1
+
+.PHONY: setup serve test clean loadgen
 
 setup: $(STAMP)
+
+loadgen: $(TOOLS)/aiperf/.installed $(TOOLS)/guidellm/.installed
+
+$(TOOLS)/aiperf/.installed: Makefile
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	test -x $(TOOLS)/aiperf/bin/python || $(PY) -m venv $(TOOLS)/aiperf
+	$(TOOLS)/aiperf/bin/pip install -q aiperf==$(AIPERF_VERSION)
+	$(TOOLS)/aiperf/bin/aiperf --version
+	touch $@
+
+$(TOOLS)/guidellm/.installed: Makefile
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	test -x $(TOOLS)/guidellm/bin/python || $(PY) -m venv $(TOOLS)/guidellm
+	$(TOOLS)/guidellm/bin/pip install -q torch==2.13.0 guidellm==$(GUIDELLM_VERSION)
+	$(TOOLS)/guidellm/bin/guidellm --version
+	touch $@
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -17,6 +39,9 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	@if ! command -v gcc >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null) \
 		|| echo "warning: could not apt-get install gcc (fp32 CPU kernels need it; torch ops run instead)"; fi
+	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+		|| echo "warning: could not apt-get install prometheus (docs/monitoring and tests/test_monitoring.py use it)"; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
@@ -30,8 +55,8 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 serve: setup
 	$(BIN)/pdserve up
 
-test: setup
+test: setup loadgen
 	$(BIN)/python -m pytest -x -q tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache

@@ -168,14 +168,6 @@ def run_child(args, isa: str, what: str, kernels: bool = True) -> dict[str, obje
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-path", default=None)
@@ -192,10 +184,10 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from pdserve.model.cpu_kernels import cpu_isas
+    from pdserve.model.cpu_kernels import cpu_isas, cpu_model_name
 
     isas = args.isas.split(",") if args.isas else list(cpu_isas())
-    print(f"CPU: {cpu_model()} ({platform.machine()}); kernel paths it runs: {', '.join(cpu_isas())}; "
+    print(f"CPU: {cpu_model_name()} ({platform.machine()}); kernel paths it runs: {', '.join(cpu_isas())}; "
           f"{args.threads} threads; {os.cpu_count()} cores")
     header = (f"{'path':<10}{'engine':<28}{'prefill tok/s':>14}{'1 stream tok/s':>16}{'GB/s':>8}{'floor':>8}{'% floor':>9}"
               f"{f'{args.batch} streams tok/s':>19}{'x HF prefill':>14}{f'x HF {args.batch}':>10}")

@@ -88,6 +88,18 @@ def test_models_owned_by_sglang_under_the_models_name(server):
         assert r.status_code == 200 and r.json()["model"] == "SmolLM2-135M-Instruct", r.text
 
 
+def test_gateway_headers_are_accepted_and_the_request_id_echoed(server):
+    headers = {"X-Request-Id": "chatcmpl-smg-0123", "X-SMG-Routing-Key": "tenant-a",
+               "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    r = httpx.post(server.base_url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers=headers,
+                   timeout=120)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "chatcmpl-smg-0123", r.text
+    r = httpx.post(server.base_url + "/generate", json={**GREEDY, "stream": True}, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "chatcmpl-smg-0123"
+    r = httpx.get(server.base_url + "/health", headers={"X-Request-Id": "x" * 300}, timeout=30)
+    assert r.status_code == 200 and "x-request-id" not in r.headers  # oversized: not echoed
+
+
 def test_v1_loads_in_smg_shape(server):
     body = httpx.get(server.base_url + "/v1/loads?include=core,disagg,queues,memory", timeout=30).json()
     assert body["dp_rank_count"] == 1 and body["version"] and body["timestamp"]

@@ -72,13 +72,23 @@ class PackedLinear:
     out_features: int  # N
 
 
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (None: no such line, or no /proc)."""
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith(name)), None)
     except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+        return None
+    return None if line is None else line.partition(":")[2].strip()
+
+
+def _cpu_flags() -> frozenset[str]:
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name, for benchmark reports."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_isas() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from pdserve.engine.client import EngineDiedError
 from pdserve.engine.dp_client import loads_per_rank
 from pdserve.engine.messages import LoadReport
 from pdserve.server import protocol
-from pdserve.server.auth import APIKeyMiddleware
+from pdserve.server.auth import APIKeyMiddleware, RequestIdMiddleware
 from pdserve.server.errors import error_response, install_error_handlers
 from pdserve.server.loads import parse_include, worker_loads
 from pdserve.server.metrics import CONTENT_TYPE
@@ -40,6 +40,7 @@ def create_app(state: ServerState) -> FastAPI:
     install_error_handlers(app)
     if state.config.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=state.config.api_key)
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected) -> Response:
