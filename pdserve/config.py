@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # encode: vision encoder only (EPD); text: a language-only unified server that takes embeddings from encoders.
+# fcfs: arrival order; spf: shortest prompt first (a prompt waiting over SPF_MAX_WAIT_S goes first anyway);
+# lof: longest output (max_new_tokens) first; random. SGLang's cache-aware lpm / dfs-weight are not implemented.
+SCHEDULE_POLICIES = ("fcfs", "spf", "lof", "random")
 DISAGG_MODES = ("null", "prefill", "decode", "encode", "text")
 TRANSFER_BACKENDS = ("nixl", "mooncake", "fake")
 MIN_AUTH_TOKEN_LEN = 16
@@ -34,6 +37,7 @@ class EngineConfig:
     max_running_requests: int = 64
     chunked_prefill_size: int = 512  # <=0: no chunking
     max_prefill_tokens: int = 4096  # token budget of one step
+    schedule_policy: str = "fcfs"  # order of waiting prompts (SCHEDULE_POLICIES; SGLang's flag)
     disable_radix_cache: bool = False
     num_threads: int | None = None  # torch intra-op threads; None: torch default
     engine_cpus: tuple[int, ...] = ()  # cores the engine process is pinned to; (): those of the server
@@ -69,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
         if self.disaggregation_mode not in DISAGG_MODES:
             raise ValueError(f"disaggregation_mode must be one of {DISAGG_MODES}, got {self.disaggregation_mode!r}")
         if self.transfer_backend not in TRANSFER_BACKENDS:

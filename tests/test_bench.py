@@ -13,6 +13,7 @@ import pytest
 
 from pdserve.bench import BenchConfig, RequestRecord, format_table, run_benchmarks
 from pdserve.bench.datasets import WORDS, random_requests, shared_prefix_requests
+from pdserve.bench.config import Slo
 from pdserve.bench.metrics import SUMMARY_KEYS, percentile, summarize
 from pdserve.cli import build_parser
 from tests.conftest import REPO_ROOT, ServerProcess
@@ -66,7 +67,7 @@ def test_percentile_matches_numpy():
 def test_summarize_definitions_and_goodput():
     recs = [record(0, 0.1, [0.05, 0.05, 0.05], 4), record(1, 0.3, [0.2, 0.2], 3),
             record(2, 0.2, [], 1), record(3, 0.1, [9.0], 2, success=False)]
-    s = summarize(recs, duration=2.0, slo_ttft_ms=250, slo_tpot_ms=100)
+    s = summarize(recs, duration=2.0, slo=Slo(ttft_ms=250, tpot_ms=100))
     assert tuple(s) == SUMMARY_KEYS and set(JSON_COLUMNS) <= set(s)
     assert s["completed"] == 3 and s["failed"] == 1
     assert s["total_input_tokens"] == 30 and s["total_output_tokens"] == 8
@@ -82,6 +83,21 @@ def test_summarize_definitions_and_goodput():
     assert summarize(recs, 2.0)["good_requests"] == 3  # no SLO: every success counts
     empty = summarize([], 1.0)
     assert empty["completed"] == 0 and empty["mean_ttft_ms"] is None and empty["max_itl_ms"] is None
+
+
+def test_itl_slo_per_request_and_slo_scale_sweep():
+    smooth = record(0, 0.1, [0.04] * 20, 21)  # p99 gap 40 ms, max 40 ms
+    one_stall = record(1, 0.1, [0.05] * 199 + [0.9], 201)  # one 900 ms stall in 200 gaps: p99 ~ 58 ms, max 900
+    choppy = record(2, 0.1, [0.05, 0.3] * 10, 21)  # every other gap 300 ms: p99 300 ms
+    recs = [smooth, one_stall, choppy]
+    assert summarize(recs, 1.0, Slo(itl_ms=100))["good_requests"] == 2  # p99: the single stall passes
+    assert summarize(recs, 1.0, Slo(itl_ms=100, itl_max_ms=500))["good_requests"] == 1  # max: it does not
+    s = summarize(recs, 2.0, Slo(itl_ms=100, itl_max_ms=500), slo_scales=(0.5, 1, 2, 4))
+    got = [(x["scale"], x["good_requests"]) for x in s["slo_attainment"]]
+    # x0.5 (p99 <= 50, max <= 250): smooth; x1: smooth; x2 (200, 1000): + the stall; x4: all three
+    assert got == [(0.5, 1), (1, 1), (2, 2), (4, 3)]
+    assert s["slo_attainment"][3]["attainment"] == 1.0 and s["slo_attainment"][3]["goodput"] == pytest.approx(1.5)
+    assert summarize([record(3, 0.1, [2.0], 2)], 1.0, Slo(itl_ms=10))["good_requests"] == 1  # one gap: no p99
 
 
 def test_datasets_lengths_and_seed(tokenizer):

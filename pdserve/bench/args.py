@@ -77,6 +77,13 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                       help='JSON object merged into every request body, e.g. \'{"top_p": 0.9}\'')
     load.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT SLO")
     load.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT SLO")
+    load.add_argument("--slo-itl-ms", type=float, default=None,
+                      help="goodput: per-request ITL SLO, checked against each request's p99 gap between tokens")
+    load.add_argument("--slo-itl-max-ms", type=float, default=None,
+                      help="goodput: per-request bound on the longest gap between tokens")
+    load.add_argument("--slo-scale", type=float, nargs="+", default=[], metavar="FACTOR",
+                      help="also report SLO attainment and goodput with every SLO times each factor (DistServe's "
+                           "attainment-vs-SLO-scale curve), e.g. --slo-scale 0.5 1 2 4")
 
     prof = parser.add_argument_group("profiling", "torch profiler traces written by the workers (SGLang's flags)")
     prof.add_argument("--profile", action="store_true", help="POST /start_profile before the run, /stop_profile after")
@@ -124,7 +131,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             max_concurrency=args.max_concurrency, warmup_requests=args.warmup_requests,
             timeout=args.timeout, duration_limit=args.duration_limit, ignore_eos=not args.disable_ignore_eos,
             temperature=args.temperature, extra_request_body=extra,
-            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, progress=not args.disable_tqdm,
+            slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_itl_ms=args.slo_itl_ms,
+            slo_itl_max_ms=args.slo_itl_max_ms, slo_scales=tuple(args.slo_scale), progress=not args.disable_tqdm,
             profile=args.profile, pd_separated=args.pd_separated,
             profile_prefill_urls=tuple(args.profile_prefill_url), profile_decode_urls=tuple(args.profile_decode_url),
             profile_activities=tuple(args.profile_activities), profile_num_steps=args.profile_num_steps,

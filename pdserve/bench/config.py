@@ -11,6 +11,20 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 DEFAULT_NUM_PROMPTS = 1000  # random dataset, as SGLang's bench_serving
 
 
+@dataclass(frozen=True)
+class Slo:
+    """Latency SLOs of goodput, in ms (None: not checked)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    itl_ms: float | None = None  # a request's own p99 gap between output tokens
+    itl_max_ms: float | None = None  # a request's longest gap
+
+    def scaled(self, factor: float) -> Slo:
+        return Slo(*(None if v is None else v * factor for v in (self.ttft_ms, self.tpot_ms, self.itl_ms,
+                                                                 self.itl_max_ms)))
+
+
 @dataclass
 class BenchConfig:
     """One run against one OpenAI-compatible endpoint. Times in seconds unless the name says otherwise."""
@@ -62,6 +76,9 @@ class BenchConfig:
 
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    slo_itl_ms: float | None = None  # each request's p99 gap between output tokens
+    slo_itl_max_ms: float | None = None  # each request's longest gap
+    slo_scales: tuple[float, ...] = ()  # attainment and goodput with every SLO times each factor
 
     progress: bool = True  # tqdm bar on stderr
 
@@ -101,7 +118,9 @@ class BenchConfig:
             raise ValueError(f"random_range_ratio must be in [0, 1], got {self.random_range_ratio}")
         if self.max_concurrency is not None:
             positive("max_concurrency")
-        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+        if any(not f > 0 for f in self.slo_scales):
+            raise ValueError(f"slo_scales must be positive factors, got {list(self.slo_scales)}")
+        for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_itl_ms", "slo_itl_max_ms"):
             if getattr(self, name) is not None:
                 positive(name)
         if self.profile and self.pd_separated and not (self.profile_prefill_urls or self.profile_decode_urls):
@@ -122,6 +141,10 @@ class BenchConfig:
     @property
     def is_chat(self) -> bool:
         return self.endpoint.endswith("/chat/completions")
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(self.slo_ttft_ms, self.slo_tpot_ms, self.slo_itl_ms, self.slo_itl_max_ms)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

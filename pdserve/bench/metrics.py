@@ -3,7 +3,10 @@
 Definitions (SGLang's): throughputs and concurrency count successful requests only; TPOT of a request is
 (e2e - ttft) / (output_len - 1); ITL statistics pool every gap of every successful request; concurrency is
 the sum of e2e latencies over the duration. Goodput counts successful requests whose TTFT and TPOT meet the
-given SLOs (an SLO not given always holds; a request with one output token has no TPOT and meets it).
+given SLOs (an SLO not given always holds; a request with one output token has no TPOT and meets it). The ITL
+SLO is per request, as users feel it (DistServe-style goodput): the request's own p99 gap between tokens must be
+within `itl_ms`, and its longest gap within `itl_max_ms` (when given); a request with under two gaps meets it.
+`slo_scales` sweeps every SLO by a factor (DistServe's attainment-vs-SLO-scale curve) over the same records.
 Empty statistics are None (JSON null, printed as n/a).
 """
 
@@ -14,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from pdserve.bench.client import RequestRecord
+from pdserve.bench.config import Slo
 
 # Every key of a summary, in the order of the printed table; the JSON carries all of them.
 SUMMARY_KEYS = (
@@ -23,7 +27,7 @@ SUMMARY_KEYS = (
     "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms",
     "mean_tpot_ms", "median_tpot_ms", "std_tpot_ms", "p99_tpot_ms",
     "mean_itl_ms", "median_itl_ms", "std_itl_ms", "p95_itl_ms", "p99_itl_ms", "max_itl_ms",
-    "good_requests", "slo_ttft_ms", "slo_tpot_ms",
+    "good_requests", "slo_attainment", "slo_ttft_ms", "slo_tpot_ms", "slo_itl_ms", "slo_itl_max_ms",
 )
 
 
@@ -64,19 +68,37 @@ def _stats(prefix: str, values_s: Sequence[float], pcts: Iterable[int], with_max
     return out
 
 
-def meets_slo(rec: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
+def meets_slo(rec: RequestRecord, slo: Slo) -> bool:
     if not rec.success:
         return False
-    if slo_ttft_ms is not None and (rec.ttft is None or rec.ttft * 1000.0 > slo_ttft_ms):
+    if slo.ttft_ms is not None and (rec.ttft is None or rec.ttft * 1000.0 > slo.ttft_ms):
         return False
     tpot = rec.tpot
-    if slo_tpot_ms is not None and tpot is not None and tpot * 1000.0 > slo_tpot_ms:
+    if slo.tpot_ms is not None and tpot is not None and tpot * 1000.0 > slo.tpot_ms:
         return False
+    if len(rec.itl) >= 2:
+        if slo.itl_ms is not None and percentile(rec.itl, 99) * 1000.0 > slo.itl_ms:
+            return False
+        if slo.itl_max_ms is not None and max(rec.itl) * 1000.0 > slo.itl_max_ms:
+            return False
     return True
 
 
-def summarize(records: Sequence[RequestRecord], duration: float, slo_ttft_ms: float | None = None,
-              slo_tpot_ms: float | None = None) -> dict[str, Any]:
+def slo_attainment(records: Sequence[RequestRecord], duration: float, slo: Slo,
+                   scales: Sequence[float]) -> list[dict[str, float]]:
+    """For each factor: the share of requests (sent ones, failures included) meeting the scaled SLOs, and the
+    goodput (requests per second) that gives."""
+    out = []
+    for factor in scales:
+        good = sum(1 for r in records if meets_slo(r, slo.scaled(factor)))
+        out.append({"scale": factor, "good_requests": good,
+                    "attainment": good / len(records) if records else 0.0, "goodput": good / max(duration, 1e-9)})
+    return out
+
+
+def summarize(records: Sequence[RequestRecord], duration: float, slo: Slo | None = None,
+              slo_scales: Sequence[float] = ()) -> dict[str, Any]:
+    slo = slo or Slo()
     ok = [r for r in records if r.success]
     dur = max(duration, 1e-9)
     total_in = sum(r.prompt_len for r in ok)
@@ -85,7 +107,7 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo_ttft_ms: fl
     tpots = [t for t in (r.tpot for r in ok) if t is not None]
     itls = [gap for r in ok for gap in r.itl]
     e2es = [r.e2e for r in ok if r.e2e is not None]
-    good = sum(1 for r in ok if meets_slo(r, slo_ttft_ms, slo_tpot_ms))
+    good = sum(1 for r in ok if meets_slo(r, slo))
     summary: dict[str, Any] = {
         "completed": len(ok), "failed": len(records) - len(ok), "duration": duration,
         "total_input_tokens": total_in, "total_output_tokens": total_out,
@@ -96,15 +118,17 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo_ttft_ms: fl
         **_stats("ttft", ttfts, (99,)),
         **_stats("tpot", tpots, (99,)),
         **_stats("itl", itls, (95, 99), with_max=True),
-        "good_requests": good, "slo_ttft_ms": slo_ttft_ms, "slo_tpot_ms": slo_tpot_ms,
+        "good_requests": good, "slo_attainment": slo_attainment(records, duration, slo, slo_scales),
+        "slo_ttft_ms": slo.ttft_ms, "slo_tpot_ms": slo.tpot_ms, "slo_itl_ms": slo.itl_ms,
+        "slo_itl_max_ms": slo.itl_max_ms,
     }
     return summary
 
 
-def summarize_by_kind(records: Sequence[RequestRecord], duration: float, slo_ttft_ms: float | None = None,
-                      slo_tpot_ms: float | None = None) -> dict[str, dict[str, Any]]:
+def summarize_by_kind(records: Sequence[RequestRecord], duration: float, slo: Slo | None = None,
+                      slo_scales: Sequence[float] = ()) -> dict[str, dict[str, Any]]:
     """One summary per request kind (interference: `decode` and `long`); empty when there is only one kind."""
     kinds = sorted({r.kind for r in records})
     if len(kinds) < 2:
         return {}
-    return {k: summarize([r for r in records if r.kind == k], duration, slo_ttft_ms, slo_tpot_ms) for k in kinds}
+    return {k: summarize([r for r in records if r.kind == k], duration, slo, slo_scales) for k in kinds}

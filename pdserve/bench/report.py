@@ -71,8 +71,9 @@ def _fmt(value: Any, kind: str) -> str:
 
 def _context_rows(r: BenchResult) -> list[tuple[str, str]]:
     c = r.config
-    slo = [f"TTFT<={c.slo_ttft_ms:g}ms" if c.slo_ttft_ms is not None else "",
-           f"TPOT<={c.slo_tpot_ms:g}ms" if c.slo_tpot_ms is not None else ""]
+    slo = [f"{name}<={v:g}ms" for name, v in (("TTFT", c.slo_ttft_ms), ("TPOT", c.slo_tpot_ms),
+                                               ("ITL-p99", c.slo_itl_ms), ("ITL-max", c.slo_itl_max_ms))
+           if v is not None]
     return [
         ("Backend:", r.backend),
         ("Model:", r.model),
@@ -102,6 +103,11 @@ def format_result(result: BenchResult) -> str:
     for kind_name, summary in result.by_kind.items():
         lines.append("{s:{c}^{n}}".format(s=f"Requests of kind '{kind_name}'", n=_W, c="-"))
         lines += ["{:<40} {:<10}".format(label, _fmt(summary[key], k)) for label, key, k in _KIND_METRICS]
+    if result.summary["slo_attainment"]:
+        lines.append("{s:{c}^{n}}".format(s="SLO attainment (SLOs x scale)", n=_W, c="-"))
+        lines += ["{:<40} {:<10}".format(f"x{a['scale']:g}: attainment / goodput (req/s):",
+                                         f"{a['attainment']:.2f} / {a['goodput']:.2f}")
+                  for a in result.summary["slo_attainment"]]
     lines.append("=" * _W)
     return "\n".join(lines)
 

@@ -252,8 +252,8 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     records = sorted(run.records, key=lambda r: r.index)
     return BenchResult(
         config=cfg, model=model,
-        summary=summarize(records, duration, cfg.slo_ttft_ms, cfg.slo_tpot_ms),
-        by_kind=summarize_by_kind(records, duration, cfg.slo_ttft_ms, cfg.slo_tpot_ms),
+        summary=summarize(records, duration, cfg.slo, cfg.slo_scales),
+        by_kind=summarize_by_kind(records, duration, cfg.slo, cfg.slo_scales),
         records=records, started_at=started_at, not_sent=not_sent,
     )
 

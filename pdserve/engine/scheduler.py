@@ -9,6 +9,7 @@ decode that cannot grow preempts the newest running request (its KV is cached, i
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from pdserve.engine.radix_cache import RadixCache
 from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.stats import EngineStats
 from pdserve.engine.stop_checker import StopChecker
+
+
+MIN_PREFILL_SHARE = 32  # tokens: the smallest fair share of a step's prefill budget
+SPF_MAX_WAIT_S = 10.0  # --schedule-policy spf: a prompt waiting this long starts before shorter ones
 
 
 @dataclass
@@ -156,6 +161,7 @@ class Scheduler:
         # Requests finished inside schedule() (not by a step's results); the engine reports them.
         self.failed: list[Request] = []
         self.stats = EngineStats(max_running_requests=config.max_running_requests)
+        self._rng = random.Random(config.seed)  # --schedule-policy random
 
     # ---- queue management -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -202,40 +208,78 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 out.decodes.append(ScheduledSeq(req, 1))
         budget -= len(out.decodes)
-        # Continue chunked prefills of running requests, then admit waiting ones (FCFS).
-        for req in self.running:
-            if budget <= 0:
-                break
-            if not req.is_decoding and req.num_uncomputed_tokens > 0:
-                n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
-                if not self.kv.grow(req, n):
-                    break
-                out.prefills.append(ScheduledSeq(req, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
-            # FCFS among requests whose inputs are ready (image embeddings may still be on their way).
-            req = self.waiting[0] if self.waiting[0].inputs_ready else next(
-                (r for r in self.waiting if r.inputs_ready), None)
-            if req is None:
-                break
-            if not req.slots:
-                self.kv.match_prefix(req)
-                if req.num_preemptions == 0:
-                    req.num_cached_tokens = req.num_computed_tokens
-            n = min(req.num_uncomputed_tokens, self.config.chunk_size, budget)
-            # Keep room for every running decode to grow one token after this admission.
-            if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
-                break
-            self.waiting.remove(req)
-            self.stats.queue_time.observe(time.monotonic() - req.queued_at)
-            if req.num_preemptions == 0:  # first admission (a preempted request is counted once, before)
-                self.stats.num_admitted_prompt_tokens += len(req.prompt_ids)
-                self.stats.num_admitted_cached_tokens += req.num_cached_tokens
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.prefills.append(ScheduledSeq(req, n))
-            budget -= n
+        self._schedule_prefills(out, budget)
         return out
+
+    def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> None:
+        """Prefill batching: the prompts being chunked and the waiting ones the policy picks share the step's
+        token budget. Each first gets a fair share (budget / their number, at least MIN_PREFILL_SHARE tokens),
+        then what is left goes to them in order (up to a chunk each). So a short prompt that arrives behind a long
+        one starts within one step, and a long one still advances every step."""
+        if budget <= 0:
+            return
+        continuing = [r for r in self.running if not r.is_decoding and r.num_uncomputed_tokens > 0]
+        room = self.config.max_running_requests - len(self.running)
+        candidates = continuing + (self._pick_waiting(room) if room > 0 else [])
+        if not candidates:
+            return
+        share = max(budget // len(candidates), MIN_PREFILL_SHARE)
+        planned: dict[str, ScheduledSeq] = {}
+        admitting = True
+        for cap in (share, None):  # pass 1: the fair share each; pass 2: the rest, in order
+            for req in candidates:
+                if budget <= 0:
+                    return
+                seq = planned.get(req.rid)
+                if seq is None and req.status is RequestStatus.WAITING and not admitting:
+                    continue
+                if seq is None and req.status is RequestStatus.WAITING and not req.slots:
+                    self.kv.match_prefix(req)
+                    if req.num_preemptions == 0:
+                        req.num_cached_tokens = req.num_computed_tokens
+                already = seq.num_new_tokens if seq is not None else 0
+                want = min(req.num_uncomputed_tokens, self.config.chunk_size)
+                n = min(want if cap is None else min(want, cap), budget + already) - already
+                if n <= 0:
+                    continue
+                if seq is None and req.status is RequestStatus.WAITING:
+                    # Keep room for every running decode to grow one token after this admission.
+                    if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
+                        admitting = False
+                        continue
+                    self._admit(req)
+                elif not self.kv.grow(req, already + n):
+                    continue
+                if seq is None:
+                    seq = planned[req.rid] = ScheduledSeq(req, n)
+                    out.prefills.append(seq)
+                else:
+                    seq.num_new_tokens += n
+                budget -= n
+
+    def _pick_waiting(self, room: int) -> list[Request]:
+        """Up to `room` waiting requests whose inputs are ready (image embeddings may still be on their way), in
+        the schedule policy's order."""
+        ready = [r for r in self.waiting if r.inputs_ready]
+        policy = self.config.schedule_policy
+        if policy == "spf":
+            now = time.monotonic()
+            # Shortest prompt first; a prompt that waited SPF_MAX_WAIT_S goes first anyway (no starvation).
+            ready.sort(key=lambda r: (now - r.queued_at < SPF_MAX_WAIT_S, r.num_uncomputed_tokens))
+        elif policy == "lof":
+            ready.sort(key=lambda r: -r.sampling.max_new_tokens)
+        elif policy == "random":
+            self._rng.shuffle(ready)
+        return ready[:room]
+
+    def _admit(self, req: Request) -> None:
+        self.waiting.remove(req)
+        self.stats.queue_time.observe(time.monotonic() - req.queued_at)
+        if req.num_preemptions == 0:  # first admission (a preempted request is counted once, before)
+            self.stats.num_admitted_prompt_tokens += len(req.prompt_ids)
+            self.stats.num_admitted_cached_tokens += req.num_cached_tokens
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
 
     def _preempt(self, req: Request) -> None:
         if not req.inputs_ready:  # an image prompt without embeddings here (a decode server): cannot recompute

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pdserve.config import DISAGG_MODES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
+from pdserve.config import DISAGG_MODES, SCHEDULE_POLICIES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
 from pdserve.envs import ENVS
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mem-fraction-static", type=float, default=_ENGINE.mem_fraction_static)
     g.add_argument("--chunked-prefill-size", type=int, default=_ENGINE.chunked_prefill_size, help="<= 0: no chunking")
     g.add_argument("--max-prefill-tokens", type=int, default=_ENGINE.max_prefill_tokens)
+    g.add_argument("--schedule-policy", default=_ENGINE.schedule_policy, choices=SCHEDULE_POLICIES,
+                   help="order in which waiting prompts start: fcfs, spf (shortest prompt first, none waits over "
+                        "10 s behind shorter ones), lof (longest output first), random")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads,
                    help="torch intra-op threads (of each engine replica with --dp-size)")
@@ -114,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         max_prefill_tokens=args.max_prefill_tokens,
+        schedule_policy=args.schedule_policy,
         disable_radix_cache=args.disable_radix_cache,
         num_threads=args.num_threads,
         engine_cpus=args.engine_cpus,
