@@ -42,6 +42,7 @@ class Envs:
     epd_embedding_ttl_s: float
     epd_buffer_tokens: int
     step_log: str
+    kv_chunk_streaming: bool  # prefill: send each computed chunk's KV while the next computes
     torch_profiler_dir: str  # where /start_profile writes traces when the request names no output_dir
 
 
@@ -67,6 +68,7 @@ def _read() -> Envs:
         epd_embedding_ttl_s=_float("PDSERVE_EPD_EMBEDDING_TTL", 60.0),
         epd_buffer_tokens=_int("PDSERVE_EPD_BUFFER_TOKENS", 8192),
         step_log=os.environ.get("PDSERVE_STEP_LOG", ""),
+        kv_chunk_streaming=os.environ.get("PDSERVE_KV_CHUNK_STREAMING", "1") != "0",
         torch_profiler_dir=os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp"),
     )
 

@@ -137,3 +137,34 @@ def test_prefill_restarted_within_the_heartbeat_window():
         wait_idle_and_free(prefill.server, decode)
     finally:
         stop_all(prefill, decode)
+
+
+def test_abort_while_chunks_stream_keeps_kv_until_the_writes_stopped():
+    """A prompt computed in small chunks streams its KV chunk by chunk; aborted after some chunks left, both
+    sides end the request with an error, the prefill holds the KV until its writes stopped, and every slot is
+    free again on both sides afterwards (the decode's destination too)."""
+    prefill = start_prefill(BACKEND, ["--chunked-prefill-size", "64"])
+    decode = None
+    try:
+        decode = start_decode(BACKEND)
+        body = with_bootstrap({"text": LONG_PROMPT, "sampling_params": {"max_new_tokens": 8}, "rid": "streamed"},
+                              prefill)
+        with cf.ThreadPoolExecutor(2) as ex:
+            fp = ex.submit(_post, prefill.server.base_url + "/generate", body)
+            fd = ex.submit(_post, decode.base_url + "/generate", body)
+            deadline = time.monotonic() + 120
+            while load(prefill.server).get("kv_chunks_streamed", 0) < 2:  # some chunks on their way
+                assert time.monotonic() < deadline and not fp.done(), "no chunk was streamed"
+                time.sleep(0.05)
+            httpx.post(prefill.server.base_url + "/abort_request", json={"rid": "streamed"}, timeout=30)
+            rp, rd = fp.result(), fd.result()
+        assert rp.status_code == 500 and rd.status_code == 500, (rp.text, rd.text)
+        wait_idle_and_free(prefill.server, decode)
+        # Both still serve, and a streamed prompt now lands whole and right.
+        ok = with_bootstrap({"text": LONG_PROMPT[:800], "sampling_params": {"max_new_tokens": 4}}, prefill)
+        rp, rd = pd_post(prefill, decode, "/generate", ok)
+        assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
+        assert load(prefill.server)["kv_chunks_streamed"] > 2
+        wait_idle_and_free(prefill.server, decode)
+    finally:
+        stop_all(prefill, *(d for d in (decode,) if d is not None))

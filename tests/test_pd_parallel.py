@@ -187,8 +187,9 @@ def _unified(path: str) -> list[list[int]]:
 
 def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: list[str],
                 rooms: list[int] | None = None, extra: dict | None = None) -> tuple[list[list[int]], list[int]]:
-    """Greedy outputs of the prompts through a prefill and a decode, and how many transfers each side staged.
-    extra: more body fields (the same on both legs, as a router sends them)."""
+    """Greedy outputs of the prompts through a prefill and a decode, and how many transfers each side staged
+    (+ the prefill's chunk writes streamed ahead of the last chunk, last). extra: more body fields (the same on both
+    legs, as a router sends them)."""
     common = ["--model-path", path, "--max-total-tokens", "2048"]
     prefill = start_prefill(backend, common + prefill_args)
     decode = None
@@ -201,7 +202,9 @@ def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: l
             rp, rd = pd_post(prefill, decode, "/generate", body, room)
             assert rp.status_code == 200 and rd.status_code == 200, (rp.text, rd.text)
             outs.append(rd.json()["output_ids"])
-        staged = [load(prefill.server).get("kv_transfers_staged"), load(decode).get("kv_transfers_staged")]
+        prefill_load = load(prefill.server)
+        staged = [prefill_load.get("kv_transfers_staged"), load(decode).get("kv_transfers_staged"),
+                  prefill_load.get("kv_chunks_streamed")]
         return outs, staged
     finally:
         stop_server(prefill.server)
@@ -209,18 +212,26 @@ def _pd_outputs(path: str, backend: str, prefill_args: list[str], decode_args: l
             stop_server(decode)
 
 
-@pytest.mark.parametrize("backend,prefill_tp,decode_tp,page_size", [
-    ("nixl", 1, 2, 1), ("nixl", 2, 1, 16), ("mooncake", 2, 2, 16), ("mooncake", 1, 2, 16), ("nixl", 4, 2, 1),
+@pytest.mark.parametrize("backend,prefill_tp,decode_tp,page_size,chunk", [
+    ("nixl", 1, 2, 1, 8), ("nixl", 2, 1, 16, 0), ("mooncake", 2, 2, 16, 8), ("mooncake", 1, 2, 16, 0),
+    ("nixl", 4, 2, 1, 0), ("nixl", 2, 2, 1, 8),
 ])
-def test_pd_across_tp_sizes_gives_unified_greedy_output(tiny8, backend, prefill_tp, decode_tp, page_size):
+def test_pd_across_tp_sizes_gives_unified_greedy_output(tiny8, backend, prefill_tp, decode_tp, page_size, chunk):
+    """chunk: the prefill's --chunked-prefill-size (0: default): small chunks stream the KV chunk by chunk (not
+    when the transfer is staged: then the prompt goes whole)."""
     if _backend_missing(backend):
         pytest.skip(_backend_missing(backend))
     page = ["--page-size", str(page_size)]
-    outs, staged = _pd_outputs(tiny8, backend, ["--tp", str(prefill_tp), *page], ["--tp", str(decode_tp), *page])
+    chunked = ["--chunked-prefill-size", str(chunk)] if chunk else []
+    outs, staged = _pd_outputs(tiny8, backend, ["--tp", str(prefill_tp), *page, *chunked],
+                               ["--tp", str(decode_tp), *page])
     assert outs == _unified(tiny8)
     # Mismatched TP moves each decode rank's heads as ranges: staged by the smaller-TP side's peer
     n = len(PROMPT_IDS)
-    assert staged == [n if prefill_tp < decode_tp else 0, n if prefill_tp > decode_tp else 0]
+    assert staged[:2] == [n if prefill_tp < decode_tp else 0, n if prefill_tp > decode_tp else 0]
+    streams = chunk and prefill_tp >= decode_tp  # a prefill that stages (P < D) sends each prompt whole
+    # The 36-token prompt in chunks of 8: 4 chunk writes ahead of its last chunk (the 6-token one: none).
+    assert staged[2] == (4 if streams else 0), staged
 
 
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 3), (3, 1)])

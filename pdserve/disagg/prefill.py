@@ -22,6 +22,7 @@ that nothing more will be written there (the decode quarantines the destination 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -76,6 +77,7 @@ class PrefillEngine:
         self._next_xfer_id = 1
         self._abandon: list[int] = []  # writes to stop, told to every rank at the next poll
         self.num_staged = 0  # transfers sent from a staged copy (prefill TP < decode TP)
+        self.num_streamed_chunks = 0  # chunk writes sent while the prompt's next chunks computed
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
@@ -139,8 +141,9 @@ class PrefillEngine:
             return None
         self.bootstrapping.pop(st.room, None)
         self.waiting_input.pop(st.room, None)
-        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, client_abort=by_client,
-                                      error=f"prefill aborted the request: {reason}"))
+        if st.handle is None:  # else the decode hears it once the chunks already sent stopped (_drain)
+            self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, client_abort=by_client,
+                                          error=f"prefill aborted the request: {reason}"))
         return self._finish_room(req, reason)
 
     def _abandon_write(self, st: RoomState) -> None:
@@ -161,6 +164,7 @@ class PrefillEngine:
                 if o.finish_reason is not None:
                     self._forget_rid(o.rid)
                 outs.append(o)
+        self._stream_chunks()
         outs += self._poll_transfers()
         return outs
 
@@ -169,7 +173,8 @@ class PrefillEngine:
         pd = replace(self.link.stats, num_prefill_prealloc_queue_reqs=len(self.bootstrapping),
                      num_prefill_inflight_queue_reqs=len(self.transferring))
         return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
-                                 "kv_transfers_staged": self.num_staged},
+                                 "kv_transfers_staged": self.num_staged,
+                                 "kv_chunks_streamed": self.num_streamed_chunks},
                        stats=replace(r.stats, pd=pd) if r.stats is not None else None)
 
     def flush_cache(self) -> bool:
@@ -379,11 +384,12 @@ class PrefillEngine:
     def _start_transfer(self, req: Request) -> bool:
         """Scheduler hook on finish: keep the KV of a completed prefill and start writing it to the decode."""
         st: RoomState | None = req.disagg
-        if st is None or req.finish_reason == "abort" or st.state is not TransferState.WAITING_FOR_INPUT:
+        if st is None:
             return False
         n = len(req.prompt_ids)
-        if req.num_computed_tokens < n or len(st.dst_slots) != n:
-            return False
+        if (req.finish_reason == "abort" or st.state is not TransferState.WAITING_FOR_INPUT
+                or req.num_computed_tokens < n or len(st.dst_slots) != n):
+            return self._drain(req)
         row = self.link.meta.alloc()
         if row is None:
             return self._refuse(req, "no free metadata row on the prefill")
@@ -393,14 +399,17 @@ class PrefillEngine:
         st.extra["local_row"] = row
         rb = self.link.meta.row_bytes
         meta_run = (0, [WriteRun(self.link.meta_region, row * rb, st.meta_row * rb, rb)])  # to decode rank 0
-        xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
-        stage_start = self._lend_stage(st, n)
+        streamed = st.handle is not None  # its first chunks are on their way: the tail joins that write
+        sent = st.extra.get("num_streamed", 0)
+        xfer_id = st.handle if streamed else self._new_xfer_id()
+        stage_start = None if streamed else self._lend_stage(st, n)
         try:
             dst_stage = st.extra.get("dst_stage")
-            self.xfer.start(xfer_id, st.peer, req.slots[:n], list(st.dst_slots), extra=meta_run,
-                            stage_start=stage_start, dst_stage_start=dst_stage)
-            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, req.slots[:n], list(st.dst_slots),
-                                                          stage_start, dst_stage)))
+            src, dst = req.slots[sent:n], list(st.dst_slots[sent:n])
+            self.xfer.start(xfer_id, st.peer, src, dst, extra=meta_run, stage_start=stage_start,
+                            dst_stage_start=dst_stage, append=streamed)
+            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, src, dst, stage_start, dst_stage,
+                                                          append=streamed)))
             st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
@@ -408,12 +417,68 @@ class PrefillEngine:
             self.waiting_input.pop(st.room, None)
         except TensorRanksFailed:
             raise
-        except Exception as e:  # backend refused: fail the room, release normally
+        except Exception as e:  # backend refused: fail the room, release normally (after its chunks stopped)
             logger.exception("transfer start failed")
-            self.xfer.release(xfer_id)
+            if not streamed:
+                self.xfer.release(xfer_id)
             self._return_stage(st)
             self.link.meta.free(row)
+            st.extra.pop("local_row", None)
             return self._refuse(req, f"KV transfer failed to start: {e}")
+        self.transferring[req.rid] = req
+        return True
+
+    def _new_xfer_id(self) -> int:
+        xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
+        return xfer_id
+
+    # ---- KV streamed chunk by chunk -------------------------------------------------------------------------
+    def _stream_chunks(self) -> None:
+        """After a step: send the chunks of prompts computed so far (not their last: the finish hook sends it with
+        the metadata row), so transfers overlap the next chunks' compute. All writes of a room share one id; the
+        decode starts only on the metadata row, i.e. after every chunk landed. Not with staging (TP mismatch
+        with a staged copy): those rooms go whole at the end."""
+        for req in self.waiting_input.values():
+            st: RoomState = req.disagg
+            computed = min(req.num_computed_tokens, len(req.prompt_ids) - 1)
+            sent = st.extra.get("num_streamed", 0)
+            if (req.finished or st.state is not TransferState.WAITING_FOR_INPUT or computed <= sent
+                    or not self._can_stream(st)):
+                continue
+            streamed = st.handle is not None
+            xfer_id = st.handle if streamed else self._new_xfer_id()
+            src, dst = req.slots[sent:computed], list(st.dst_slots[sent:computed])
+            try:
+                self.xfer.start(xfer_id, st.peer, src, dst, append=streamed)
+                self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, src, dst, append=streamed)))
+            except TensorRanksFailed:
+                raise
+            except Exception:  # noqa: BLE001 - the room's write fails; the poll fails the room at the end
+                logger.exception("room %d: a chunk's write failed to start", st.room)
+                self.xfer.fail(xfer_id, st.peer or "", "a chunk's write failed to start")
+            st.handle, st.extra["num_streamed"] = xfer_id, computed
+            st.extra.setdefault("timeline", []).append((now(), computed))
+            self.num_streamed_chunks += 1
+
+    def _can_stream(self, st: RoomState) -> bool:
+        peer = self.xfer.peers.get(st.peer or "")
+        return (ENVS.kv_chunk_streaming and peer is not None and st.extra.get("dst_stage") is None
+                and not self.xfer.needs_staging(peer.layout))
+
+    def _drain(self, req: Request) -> bool:
+        """Finish hook of a room that ends before its whole write started: with chunks already on their way,
+        keep its KV (True) until every rank's worker stopped reading it; the poll then answers the decode and
+        frees the KV (the client was answered already). Without, nothing holds the KV (False)."""
+        st: RoomState = req.disagg
+        if st.handle is None or st.state is TransferState.TRANSFERRING:
+            return False
+        self.waiting_input.pop(st.room, None)
+        st.state = TransferState.TRANSFERRING
+        st.aborted = st.aborted or req.error or "aborted"
+        st.extra["not_a_failure"] = True  # counted where it failed, or a client's abort
+        st.extra["answered"] = True
+        st.deadline = now() + ENVS.disagg_transfer_timeout_s
+        self._abandon_write(st)
         self.transferring[req.rid] = req
         return True
 
@@ -450,12 +515,14 @@ class PrefillEngine:
             st: RoomState = req.disagg
             del self.transferring[req.rid]
             self._return_stage(st)
-            row = st.extra.pop("local_row")
+            row = st.extra.pop("local_row", None)
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
                 transfer_s = now() - st.extra["transfer_start"]
                 self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, transfer_s,
                                                 st.extra.get("bootstrap_s", 0.0))
+                if "timeline" in st.extra:  # streamed: when each chunk left, when the last was computed, landed
+                    _log_timeline(st, len(st.dst_slots))
                 meta = None if self.link.moves_data else self.link.meta.row_view(row)
                 self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta,
                                               transfer_ms=transfer_s * 1e3))
@@ -464,7 +531,8 @@ class PrefillEngine:
                 self.room_rid.pop(st.room, None)
                 outs.append(st.held_output or self.engine.make_output(req))
             else:
-                self.link.meta.free(row)
+                if row is not None:
+                    self.link.meta.free(row)
                 reason = st.aborted or "KV transfer to the decode server failed"
                 not_a_failure = bool(st.extra.get("not_a_failure"))
                 if not not_a_failure:
@@ -472,7 +540,11 @@ class PrefillEngine:
                 self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason,
                                               client_abort=not_a_failure))
                 self.engine.scheduler.kv.release(req)
-                outs.append(self._finish_room(req, reason))
+                if st.extra.get("answered") and st.held_output is None:  # drained: the client was answered
+                    st.state = TransferState.FAILED
+                    self.room_rid.pop(st.room, None)
+                else:
+                    outs.append(self._finish_room(req, reason))
         return outs
 
     def _lend_stage(self, st: RoomState, num_tokens: int) -> int | None:
@@ -497,10 +569,12 @@ class PrefillEngine:
     def _refuse(self, req: Request, reason: str) -> bool:
         """Inside the scheduler's finish: turn the completed prefill into an error; the scheduler frees KV."""
         st: RoomState = req.disagg
-        st.state = TransferState.FAILED
         self.link.stats.count_failure(in_bootstrap=False)
-        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
         req.finish_reason, req.error = "abort", reason
+        if st.handle is not None:  # chunks on their way: answer the decode once they stopped
+            return self._drain(req)
+        st.state = TransferState.FAILED
+        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason))
         return False
 
     # ---- helpers ---------------------------------------------------------------------------------------
@@ -528,3 +602,14 @@ class PrefillEngine:
         for room, r in list(self.room_rid.items()):
             if r == rid:
                 del self.room_rid[room]
+
+
+def _log_timeline(st: RoomState, num_tokens: int) -> None:
+    """One line per streamed room (benchmarks/pd_chunk_streaming.py draws it): ms from the first chunk's send to
+    each chunk's send (with the tokens computed by then), to the last chunk's computation, and to all KV landed."""
+    t0 = st.extra["timeline"][0][0]
+    chunks = [[round((t - t0) * 1e3, 2), tokens] for t, tokens in st.extra["timeline"]]
+    logger.info("kv stream timeline %s", json.dumps({
+        "room": st.room, "num_tokens": num_tokens, "chunks": chunks,
+        "last_computed_ms": round((st.extra["transfer_start"] - t0) * 1e3, 2),
+        "landed_ms": round((now() - t0) * 1e3, 2)}))

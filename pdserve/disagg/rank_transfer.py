@@ -56,6 +56,7 @@ class StartWrite(msgspec.Struct, tag=True):
     dst_slots: list[int]
     stage_start: int | None = None  # first of len(src_slots) free contiguous slots lent for a staged copy
     dst_stage_start: int | None = None  # the decode's lent slots (KVDestination.stage_start)
+    append: bool = False  # more of the same room's write (a prompt's KV streamed chunk by chunk)
 
 
 class Unstage(msgspec.Struct, tag=True):
@@ -224,8 +225,9 @@ class RankTransfer:
 
     def start(self, xfer_id: int, key: str, src_slots: list[int], dst_slots: list[int],
               extra: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None,
-              dst_stage_start: int | None = None) -> None:
-        """Queue this rank's writes of a room (extra: rank 0's metadata row, to one decode rank)."""
+              dst_stage_start: int | None = None, append: bool = False) -> None:
+        """Queue this rank's writes of a room (extra: rank 0's metadata row, to one decode rank). append: more
+        writes under the same id (its state is then that of all of them)."""
         peer = self.peers.get(key)
         jobs: list[QueuedWrite] = []
         if peer is None:  # never registered here: this rank fails the room (the poll agreement fails it on all)
@@ -242,7 +244,10 @@ class RankTransfer:
             per_rank.setdefault(extra[0], []).extend(extra[1])
         for d, runs in per_rank.items():
             jobs.append(self.queues.write(peer.layout.agents[d].agent_name, runs))
-        self.writes[xfer_id] = jobs
+        if append:
+            self.writes.setdefault(xfer_id, []).extend(jobs)
+        else:
+            self.writes[xfer_id] = jobs
 
     def fail(self, xfer_id: int, key: str, error: str) -> None:
         """Record this rank's write of a room as failed (what it queued already is abandoned)."""
@@ -352,7 +357,7 @@ class RankCallHandler:
             self.xfer.remove_peer(cmd.key)
         elif isinstance(cmd, StartWrite):
             self.xfer.start(cmd.xfer_id, cmd.key, cmd.src_slots, cmd.dst_slots, stage_start=cmd.stage_start,
-                            dst_stage_start=cmd.dst_stage_start)
+                            dst_stage_start=cmd.dst_stage_start, append=cmd.append)
         elif isinstance(cmd, Unstage):
             self.xfer.unstage(cmd.dst_slots, cmd.stage_start, cmd.src_heads)
         elif isinstance(cmd, Register):
