@@ -44,7 +44,8 @@ def ttft_once(prefill, decode, prompt_ids: list[int]) -> float:
 
 def run_mode(args, streaming: bool, rng: random.Random) -> tuple[list[float], str]:
     env = {"PDSERVE_KV_CHUNK_STREAMING": "1" if streaming else "0"}
-    prefill = start_prefill(args.backend, ["--chunked-prefill-size", str(args.chunk)], env=env)
+    prefill = start_prefill(args.backend, ["--chunked-prefill-size", str(args.chunk), "--log-level", "debug"],
+                            env=env)  # debug: the prefill logs each streamed room's timeline
     decode = None
     try:
         decode = start_decode(args.backend)

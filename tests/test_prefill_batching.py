@@ -106,3 +106,22 @@ def test_random_policy_is_seeded_and_unknown_policies_are_refused():
     with pytest.raises(ValueError, match="schedule_policy"):
         EngineConfig(schedule_policy="lpm")
     assert all(r.status is RequestStatus.WAITING for r in s.waiting)
+
+
+def test_many_long_prompts_in_a_small_pool_all_finish():
+    """Started prompts keep the room they still need: admitting parts of many long prompts must not fill the pool
+    with halves that can never finish."""
+    s = Scheduler(EngineConfig(chunked_prefill_size=CHUNK, disable_radix_cache=True), num_slots=2048,
+                  stop_checker=None)
+    for i in range(8):
+        s.add(request(f"p{i}", 1000))
+    finished = []
+    for _ in range(200):
+        run_step(s)
+        for req in [r for r in s.running if r.num_uncomputed_tokens == 0]:
+            s.finish(req, "stop")  # its prompt is done: its KV goes back (a PD prefill hands it over)
+            finished.append(req.rid)
+        if len(finished) == 8:
+            break
+    assert sorted(finished) == [f"p{i}" for i in range(8)]
+    assert s.kv.allocator.num_free == 2048

@@ -120,6 +120,8 @@ class BenchConfig:
             positive("max_concurrency")
         if any(not f > 0 for f in self.slo_scales):
             raise ValueError(f"slo_scales must be positive factors, got {list(self.slo_scales)}")
+        if self.slo_scales and self.slo == Slo():
+            raise ValueError("slo_scales needs an SLO to scale (--slo-ttft-ms, --slo-tpot-ms, --slo-itl-ms, ...)")
         for name in ("slo_ttft_ms", "slo_tpot_ms", "slo_itl_ms", "slo_itl_max_ms"):
             if getattr(self, name) is not None:
                 positive(name)

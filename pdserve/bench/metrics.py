@@ -5,7 +5,7 @@ Definitions (SGLang's): throughputs and concurrency count successful requests on
 the sum of e2e latencies over the duration. Goodput counts successful requests whose TTFT and TPOT meet the
 given SLOs (an SLO not given always holds; a request with one output token has no TPOT and meets it). The ITL
 SLO is per request, as users feel it (DistServe-style goodput): the request's own p99 gap between tokens must be
-within `itl_ms`, and its longest gap within `itl_max_ms` (when given); a request with under two gaps meets it.
+within `itl_ms`, and its longest gap within `itl_max_ms` (when given); a request with under two gaps has no p99 gap.
 `slo_scales` sweeps every SLO by a factor (DistServe's attainment-vs-SLO-scale curve) over the same records.
 Empty statistics are None (JSON null, printed as n/a).
 """
@@ -76,11 +76,10 @@ def meets_slo(rec: RequestRecord, slo: Slo) -> bool:
     tpot = rec.tpot
     if slo.tpot_ms is not None and tpot is not None and tpot * 1000.0 > slo.tpot_ms:
         return False
-    if len(rec.itl) >= 2:
-        if slo.itl_ms is not None and percentile(rec.itl, 99) * 1000.0 > slo.itl_ms:
-            return False
-        if slo.itl_max_ms is not None and max(rec.itl) * 1000.0 > slo.itl_max_ms:
-            return False
+    if slo.itl_ms is not None and len(rec.itl) >= 2 and percentile(rec.itl, 99) * 1000.0 > slo.itl_ms:
+        return False
+    if slo.itl_max_ms is not None and rec.itl and max(rec.itl) * 1000.0 > slo.itl_max_ms:
+        return False
     return True
 
 

@@ -135,8 +135,9 @@ class PrefillEngine:
         if req is None:
             return None
         st: RoomState = req.disagg
+        st.extra["client_abort"] = by_client
         if st.state is TransferState.TRANSFERRING:  # cannot free slots the backend is reading: finish later
-            st.aborted, st.extra["not_a_failure"] = reason, True
+            st.aborted, st.extra["not_a_failure"] = st.aborted or reason, True
             self._abandon_write(st)
             return None
         self.bootstrapping.pop(st.room, None)
@@ -401,6 +402,7 @@ class PrefillEngine:
         meta_run = (0, [WriteRun(self.link.meta_region, row * rb, st.meta_row * rb, rb)])  # to decode rank 0
         streamed = st.handle is not None  # its first chunks are on their way: the tail joins that write
         sent = st.extra.get("num_streamed", 0)
+        st.extra["tail_tokens"] = n - sent  # what this last write moves (the figures of /metrics)
         xfer_id = st.handle if streamed else self._new_xfer_id()
         stage_start = None if streamed else self._lend_stage(st, n)
         try:
@@ -456,6 +458,7 @@ class PrefillEngine:
             except Exception:  # noqa: BLE001 - the room's write fails; the poll fails the room at the end
                 logger.exception("room %d: a chunk's write failed to start", st.room)
                 self.xfer.fail(xfer_id, st.peer or "", "a chunk's write failed to start")
+                st.extra["stream_failed"] = True
             st.handle, st.extra["num_streamed"] = xfer_id, computed
             st.extra.setdefault("timeline", []).append((now(), computed))
             self.num_streamed_chunks += 1
@@ -463,14 +466,21 @@ class PrefillEngine:
     def _can_stream(self, st: RoomState) -> bool:
         peer = self.xfer.peers.get(st.peer or "")
         return (ENVS.kv_chunk_streaming and peer is not None and st.extra.get("dst_stage") is None
-                and not self.xfer.needs_staging(peer.layout))
+                and not st.extra.get("stream_failed") and not self.xfer.needs_staging(peer.layout))
 
     def _drain(self, req: Request) -> bool:
         """Finish hook of a room that ends before its whole write started: with chunks already on their way,
         keep its KV (True) until every rank's worker stopped reading it; the poll then answers the decode and
         frees the KV (the client was answered already). Without, nothing holds the KV (False)."""
         st: RoomState = req.disagg
-        if st.handle is None or st.state is TransferState.TRANSFERRING:
+        if st.state is TransferState.TRANSFERRING:
+            return False
+        if st.handle is None:
+            if st.state is TransferState.WAITING_FOR_INPUT:  # ended here untold (e.g. a forward error): tell it
+                self.waiting_input.pop(st.room, None)
+                st.state = TransferState.FAILED
+                self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce,
+                                              error=req.error or "the prefill failed the request"))
             return False
         self.waiting_input.pop(st.room, None)
         st.state = TransferState.TRANSFERRING
@@ -480,6 +490,8 @@ class PrefillEngine:
         st.deadline = now() + ENVS.disagg_transfer_timeout_s
         self._abandon_write(st)
         self.transferring[req.rid] = req
+        # Live again for the decode's AbortRoom (it must not hear "not in flight" while a write may still land).
+        self.room_rid[st.room] = req.rid
         return True
 
     def _poll_transfers(self) -> list[RequestOutput]:
@@ -518,8 +530,8 @@ class PrefillEngine:
             row = st.extra.pop("local_row", None)
             if state is TransferState.SUCCESS and not st.aborted:
                 st.state = TransferState.SUCCESS
-                transfer_s = now() - st.extra["transfer_start"]
-                self.link.stats.record_transfer(len(st.dst_slots) * self.link.kv_bytes_per_token, transfer_s,
+                transfer_s = now() - st.extra["transfer_start"]  # the last write's (the chunks overlapped compute)
+                self.link.stats.record_transfer(st.extra["tail_tokens"] * self.link.kv_bytes_per_token, transfer_s,
                                                 st.extra.get("bootstrap_s", 0.0))
                 if "timeline" in st.extra:  # streamed: when each chunk left, when the last was computed, landed
                     _log_timeline(st, len(st.dst_slots))
@@ -538,7 +550,7 @@ class PrefillEngine:
                 if not not_a_failure:
                     self.link.stats.count_failure(in_bootstrap=False)
                 self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=reason,
-                                              client_abort=not_a_failure))
+                                              client_abort=bool(st.extra.get("client_abort"))))
                 self.engine.scheduler.kv.release(req)
                 if st.extra.get("answered") and st.held_output is None:  # drained: the client was answered
                     st.state = TransferState.FAILED
@@ -609,7 +621,7 @@ def _log_timeline(st: RoomState, num_tokens: int) -> None:
     each chunk's send (with the tokens computed by then), to the last chunk's computation, and to all KV landed."""
     t0 = st.extra["timeline"][0][0]
     chunks = [[round((t - t0) * 1e3, 2), tokens] for t, tokens in st.extra["timeline"]]
-    logger.info("kv stream timeline %s", json.dumps({
+    logger.debug("kv stream timeline %s", json.dumps({
         "room": st.room, "num_tokens": num_tokens, "chunks": chunks,
         "last_computed_ms": round((st.extra["transfer_start"] - t0) * 1e3, 2),
         "landed_ms": round((now() - t0) * 1e3, 2)}))

@@ -239,6 +239,7 @@ class RankTransfer:
                 self.stage_kv(src_slots, stage_start, dst_heads)
             else:
                 stage_start = None
+        _sync(self.pools[0])  # the forward's KV writes must be done: the backend reads the pool outside the stream
         per_rank = dict(self.kv_runs(peer.layout, src_slots, dst_slots, stage_start, dst_stage_start))
         if extra is not None:
             per_rank.setdefault(extra[0], []).extend(extra[1])

@@ -28,6 +28,11 @@ MIN_PREFILL_SHARE = 32  # tokens: the smallest fair share of a step's prefill bu
 SPF_MAX_WAIT_S = 10.0  # --schedule-policy spf: a prompt waiting this long starts before shorter ones
 
 
+def _slots_to_come(req: Request) -> int:
+    """KV slots a prompt still needs beyond those it holds."""
+    return max(req.num_tokens - len(req.slots), 0)
+
+
 @dataclass
 class ScheduledSeq:
     req: Request
@@ -215,7 +220,9 @@ class Scheduler:
         """Prefill batching: the prompts being chunked and the waiting ones the policy picks share the step's
         token budget. Each first gets a fair share (budget / their number, at least MIN_PREFILL_SHARE tokens),
         then what is left goes to them in order (up to a chunk each). So a short prompt that arrives behind a long
-        one starts within one step, and a long one still advances every step."""
+        one starts within one step, and a long one still advances every step. A waiting prompt is admitted only
+        while the KV pool also holds the rest of every prompt already started (else parts of many prompts could
+        fill it and none finish); the first that does not fit stops admission (FCFS)."""
         if budget <= 0:
             return
         continuing = [r for r in self.running if not r.is_decoding and r.num_uncomputed_tokens > 0]
@@ -224,6 +231,7 @@ class Scheduler:
         if not candidates:
             return
         share = max(budget // len(candidates), MIN_PREFILL_SHARE)
+        reserved = sum(_slots_to_come(r) for r in continuing)  # what started prompts still need
         planned: dict[str, ScheduledSeq] = {}
         admitting = True
         for cap in (share, None):  # pass 1: the fair share each; pass 2: the rest, in order
@@ -231,9 +239,11 @@ class Scheduler:
                 if budget <= 0:
                     return
                 seq = planned.get(req.rid)
-                if seq is None and req.status is RequestStatus.WAITING and not admitting:
+                waiting = seq is None and req.status is RequestStatus.WAITING
+                if waiting and not admitting:
                     continue
-                if seq is None and req.status is RequestStatus.WAITING and not req.slots:
+                matched_now = waiting and not req.slots
+                if matched_now:
                     self.kv.match_prefix(req)
                     if req.num_preemptions == 0:
                         req.num_cached_tokens = req.num_computed_tokens
@@ -242,14 +252,25 @@ class Scheduler:
                 n = min(want if cap is None else min(want, cap), budget + already) - already
                 if n <= 0:
                     continue
-                if seq is None and req.status is RequestStatus.WAITING:
-                    # Keep room for every running decode to grow one token after this admission.
-                    if self.kv.num_available < n + len(out.decodes) or not self.kv.grow(req, n):
+                # Keep room for every running decode to grow one token after this step.
+                room_for_decodes = self.kv.num_available >= n + len(out.decodes)
+                if waiting:
+                    need = _slots_to_come(req)
+                    if (not room_for_decodes or self.kv.num_available < need + reserved + len(out.decodes)
+                            or not self.kv.grow(req, n)):
+                        if matched_now:  # give the cached prefix back (its lock would pin it while it waits)
+                            self.kv.release(req)
+                            req.num_computed_tokens = req.num_cached_tokens = 0
                         admitting = False
                         continue
                     self._admit(req)
-                elif not self.kv.grow(req, already + n):
-                    continue
+                    reserved += _slots_to_come(req)
+                else:
+                    before = _slots_to_come(req)
+                    if not room_for_decodes or not self.kv.grow(req, already + n):
+                        admitting = False  # a started prompt cannot grow: admit nobody new
+                        continue
+                    reserved -= before - _slots_to_come(req)
                 if seq is None:
                     seq = planned[req.rid] = ScheduledSeq(req, n)
                     out.prefills.append(seq)
