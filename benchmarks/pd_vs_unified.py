@@ -46,7 +46,8 @@ def workload(base_url: str, label: str, a: argparse.Namespace) -> BenchConfig:
                        long_prompt_len=a.long_prompt_len, long_prompt_output_len=a.long_prompt_output_len,
                        long_prompt_rate=a.long_prompt_rate,
                        long_prompt_delay=2.0, warmup_requests=2, seed=1, slo_ttft_ms=a.slo_ttft_ms,
-                       slo_tpot_ms=a.slo_tpot_ms, timeout=600, duration_limit=900)
+                       slo_tpot_ms=a.slo_tpot_ms, slo_itl_ms=a.slo_itl_ms, slo_scales=tuple(a.slo_scale),
+                       timeout=600, duration_limit=900)
 
 
 def main() -> None:
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--long-prompt-rate", type=float, default=0.4)
     ap.add_argument("--slo-ttft-ms", type=float, default=5000)
     ap.add_argument("--slo-tpot-ms", type=float, default=150)
+    ap.add_argument("--slo-itl-ms", type=float, default=300, help="per-request p99 gap between tokens")
+    ap.add_argument("--slo-scale", type=float, nargs="+", default=[0.25, 0.5, 1, 2, 4, 8],
+                    help="attainment and goodput with every SLO times each factor (DistServe's curve)")
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--output-file", default=None)
     ap.add_argument("--only", choices=["unified", "pd"], default=None, help="run one deployment, not both")
@@ -93,6 +97,11 @@ def main() -> None:
         d = r.by_kind.get("decode", r.summary)
         print(f"  {label:<28} ITL median {d['median_itl_ms']:.1f} ms, p99 {d['p99_itl_ms']:.1f} ms, "
               f"max {d['max_itl_ms']:.1f} ms; p99/median {d['p99_itl_ms'] / max(d['median_itl_ms'], 1e-9):.2f}")
+    print("\nSLO attainment / goodput (req/s) with every SLO (TTFT, TPOT, per-request p99 ITL) times the scale:")
+    for label, r in results.items():
+        cells = [f"x{p['scale']:g}: {100 * p['attainment']:.0f}% / {p['goodput']:.2f}"
+                 for p in r.summary["slo_attainment"]]
+        print(f"  {label:<28} " + ", ".join(cells))
     if a.plot_dir:
         from pdserve.bench.plots import write_plots
 

@@ -147,7 +147,7 @@ def test_bench_random(server, tmp_path):
     out, plots = tmp_path / "r.json", tmp_path / "plots"
     r = bench(server, "--dataset", "random", "--num-prompts", "6", "--random-input-len", "32",
               "--random-output-len", "8", "--max-concurrency", "3", "--seed", "3", "--slo-ttft-ms", "60000",
-              "--output-file", str(out), "--plot", str(plots))
+              "--slo-itl-ms", "60000", "--slo-scale", "0.000001", "1", "--output-file", str(out), "--plot", str(plots))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Serving Benchmark Result" in r.stdout
     positions = [r.stdout.index(label) for label in TABLE_LINES]
@@ -177,7 +177,10 @@ def test_bench_random(server, tmp_path):
     ends = sorted(rec["start_time"] + rec["e2e"] for rec in d["records"])
     assert starts[3] >= ends[0] - 0.05
 
-    for name in ("ttft.png", "itl.png", "itl_timeline.png"):
+    # the scale sweep: a millionth of the SLOs holds for none, the SLOs themselves for all
+    assert [(x["scale"], x["good_requests"]) for x in d["slo_attainment"]] == [(0.000001, 0), (1, 6)]
+    assert "SLO attainment" in r.stdout
+    for name in ("ttft.png", "itl.png", "itl_timeline.png", "slo_attainment.png"):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
 

@@ -5,6 +5,8 @@ itl.png           ITL histogram (log counts) and CDF
 itl_timeline.png  every inter-token gap at the wall time it ended (x: seconds since the run's start, y: gap
                   in ms), one panel per result; prefill stalls show as spikes. interference marks each long
                   prompt's arrival (dashed line) and its time to first token (shaded).
+slo_attainment.png  (runs with --slo-scale) SLO attainment and goodput against the SLO scale, one line per
+                  result (DistServe's curve)
 """
 
 from __future__ import annotations
@@ -106,4 +108,25 @@ def write_plots(results: BenchResult | Mapping[str, BenchResult], out_dir: str) 
     _distribution(results, _ttfts_ms, "TTFT", "TTFT (ms)", paths[0], log_counts=False)
     _distribution(results, _itls_ms, "ITL", "inter-token latency (ms)", paths[1], log_counts=True)
     _timeline(results, paths[2])
+    if any(r.summary.get("slo_attainment") for r in results.values()):
+        paths.append(os.path.join(out_dir, "slo_attainment.png"))
+        _attainment(results, paths[-1])
     return paths
+
+
+def _attainment(results: Mapping[str, BenchResult], path: str) -> None:
+    fig, (ax_att, ax_good) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in results.items():
+        points = r.summary.get("slo_attainment") or []
+        scales = [p["scale"] for p in points]
+        ax_att.plot(scales, [100 * p["attainment"] for p in points], marker="o", label=label)
+        ax_good.plot(scales, [p["goodput"] for p in points], marker="o", label=label)
+    for ax, ylabel in ((ax_att, "SLO attainment (%)"), (ax_good, "goodput (req/s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("SLO scale (every SLO times this)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
