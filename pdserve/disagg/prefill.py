@@ -406,12 +406,8 @@ class PrefillEngine:
         xfer_id = st.handle if streamed else self._new_xfer_id()
         stage_start = None if streamed else self._lend_stage(st, n)
         try:
-            dst_stage = st.extra.get("dst_stage")
-            src, dst = req.slots[sent:n], list(st.dst_slots[sent:n])
-            self.xfer.start(xfer_id, st.peer, src, dst, extra=meta_run, stage_start=stage_start,
-                            dst_stage_start=dst_stage, append=streamed)
-            self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, src, dst, stage_start, dst_stage,
-                                                          append=streamed)))
+            self._start_write(st, xfer_id, req.slots[sent:n], list(st.dst_slots[sent:n]), streamed, meta_run,
+                              stage_start)
             st.handle = xfer_id
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
@@ -429,6 +425,16 @@ class PrefillEngine:
             return self._refuse(req, f"KV transfer failed to start: {e}")
         self.transferring[req.rid] = req
         return True
+
+    def _start_write(self, st: RoomState, xfer_id: int, src_slots: list[int], dst_slots: list[int], append: bool,
+                     meta_run: tuple[int, list[WriteRun]] | None = None, stage_start: int | None = None) -> None:
+        """Queue this rank's part of a room's write and tell the other TP ranks theirs, under one id (append: more
+        of the room's write)."""
+        dst_stage = st.extra.get("dst_stage")
+        self.xfer.start(xfer_id, st.peer, src_slots, dst_slots, extra=meta_run, stage_start=stage_start,
+                        dst_stage_start=dst_stage, append=append)
+        self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, src_slots, dst_slots, stage_start, dst_stage,
+                                                      append=append)))
 
     def _new_xfer_id(self) -> int:
         xfer_id, self._next_xfer_id = self._next_xfer_id, self._next_xfer_id + 1
@@ -449,10 +455,8 @@ class PrefillEngine:
                 continue
             streamed = st.handle is not None
             xfer_id = st.handle if streamed else self._new_xfer_id()
-            src, dst = req.slots[sent:computed], list(st.dst_slots[sent:computed])
             try:
-                self.xfer.start(xfer_id, st.peer, src, dst, append=streamed)
-                self.link.rank_call(encode_command(StartWrite(xfer_id, st.peer, src, dst, append=streamed)))
+                self._start_write(st, xfer_id, req.slots[sent:computed], list(st.dst_slots[sent:computed]), streamed)
             except TensorRanksFailed:
                 raise
             except Exception:  # noqa: BLE001 - the room's write fails; the poll fails the room at the end

@@ -12,6 +12,7 @@ never the engine.
 from __future__ import annotations
 
 import bisect
+import collections
 import gzip
 import json
 import logging
@@ -39,8 +40,8 @@ class StepProfiler:
         self._request: ProfileRequest | None = None
         self._profile: torch.profiler.profile | None = None
         self._steps_to_skip = 0
-        self._num_recorded = 0
-        self._stages: list[str] = []  # stage of each recorded model step, in order
+        self._stages: list[str] = []  # stage of each recorded step range, in order ("": no model ran)
+        self._num_steps_of: collections.Counter[str] = collections.Counter()  # model steps recorded per stage
         self._profile_id = ""
 
     def handle(self, req: ProfileRequest) -> ProfileResult:
@@ -77,8 +78,9 @@ class StepProfiler:
             outs = step()
         forward = forward_of()
         if forward is not before and forward is not None:
-            self._stages.append("EXTEND" if getattr(forward, "prefills", None) else "DECODE")
-            self._num_recorded += 1
+            stage = "EXTEND" if getattr(forward, "prefills", None) else "DECODE"
+            self._stages.append(stage)
+            self._num_steps_of[stage] += 1
             if self._recorded_enough():
                 try:
                     self._stop()
@@ -93,8 +95,8 @@ class StepProfiler:
         if req is None or req.num_steps is None:
             return False
         if req.profile_by_stage:
-            return all(self._stages.count(stage) >= req.num_steps for stage in ("EXTEND", "DECODE"))
-        return self._num_recorded >= req.num_steps
+            return all(self._num_steps_of[stage] >= req.num_steps for stage in ("EXTEND", "DECODE"))
+        return self._num_steps_of.total() >= req.num_steps
 
     # ---- internals ------------------------------------------------------------------------------------
     def _start(self, req: ProfileRequest) -> ProfileResult:
@@ -114,7 +116,7 @@ class StepProfiler:
             return ProfileResult(False, f"cannot write profiler traces to {out_dir!r}: {e.strerror or e}")
         self._request = req
         self._profile_id = str(time.time())
-        self._num_recorded, self._stages = 0, []
+        self._stages, self._num_steps_of = [], collections.Counter()
         self._steps_to_skip = req.start_step or 0
         if self._steps_to_skip <= 0:
             try:
@@ -154,10 +156,10 @@ class StepProfiler:
             os.unlink(raw_path)
         if req.profile_by_stage:
             files = [_write(f"{base}-{stage}.trace.json.gz", _only_stage(trace, self._stages, stage))
-                     for stage in ("EXTEND", "DECODE") if stage in self._stages]
+                     for stage in ("EXTEND", "DECODE") if self._num_steps_of[stage]]
         else:
             files = [_write(f"{base}.trace.json.gz", trace)]
-        logger.info("profiling stopped after %d model steps: %s", self._num_recorded, files)
+        logger.info("profiling stopped after %d model steps: %s", self._num_steps_of.total(), files)
         return files
 
 

@@ -23,7 +23,7 @@ from pdserve.engine.stats import EngineStats, PDStats
 from pdserve.sampling_params import MAX_INT32, SamplingParams
 from pdserve.server.errors import BadRequestError
 from pdserve.server.generation import GenInput, GenResult
-from pdserve.server.loads import aggregate_loads
+from pdserve.server.loads import aggregate_loads, core_load, disagg_mode_name
 from pdserve.server.metrics import EngineCollector
 from pdserve.server.protocol import MAX_N, MAX_TOP_LOGPROBS, bootstrap_info, routed_dp_rank, sampling_for_choice
 
@@ -161,20 +161,14 @@ def scheduler_load(engine: EngineCollector, rank: int, sections: set[str], mode:
     """One dp rank's GetLoads entry, from the same figures as /metrics and /v1/loads (server/metrics.py)."""
     values, load = engine.rank_values(rank), engine.rank_load(rank)
     stats = load.stats or EngineStats()
-    out = pb.SchedulerLoad(
-        dp_rank=rank, num_running_reqs=int(values["num_running_reqs"]), num_waiting_reqs=load.num_waiting_reqs,
-        num_total_reqs=load.num_reqs, num_used_tokens=load.num_tokens, max_total_num_tokens=load.max_total_tokens,
-        token_usage=values["token_usage"], gen_throughput=values["gen_throughput"],
-        cache_hit_rate=values["cache_hit_rate"], utilization=values["utilization"],
-        max_running_requests=stats.max_running_requests,
-    )
+    out = pb.SchedulerLoad(**core_load(engine, rank))
     if "memory" in sections:
         out.memory.CopyFrom(pb.MemoryMetrics(weight_gb=weight_bytes / 1e9, kv_cache_gb=stats.kv_cache_bytes / 1e9,
                                              token_capacity=load.max_total_tokens))
     if "disagg" in sections:
         pd = stats.pd or PDStats()
         out.disaggregation.CopyFrom(pb.DisaggregationMetrics(
-            mode=mode if mode in ("prefill", "decode") else "null",
+            mode=disagg_mode_name(mode),
             prefill_prealloc_queue_reqs=pd.num_prefill_prealloc_queue_reqs,
             prefill_inflight_queue_reqs=pd.num_prefill_inflight_queue_reqs,
             decode_prealloc_queue_reqs=pd.num_decode_prealloc_queue_reqs,

@@ -39,25 +39,40 @@ def checkpoint_bytes(hf_dir: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(hf_dir, "*.safetensors")))
 
 
+_ROUNDED = {"token_usage": 4, "gen_throughput": 2, "cache_hit_rate": 4, "utilization": 4}  # decimals in JSON
+
+
+def core_load(engine: EngineCollector, rank: int) -> dict[str, int | float]:
+    """One dp rank's core SchedulerLoadSnapshot fields, SMG's names, unrounded: /v1/loads and gRPC GetLoads."""
+    values, load = engine.rank_values(rank), engine.rank_load(rank)
+    return {
+        "dp_rank": rank,
+        "num_running_reqs": int(values["num_running_reqs"]),
+        "num_waiting_reqs": load.num_waiting_reqs,
+        "num_total_reqs": load.num_reqs,
+        "num_used_tokens": load.num_tokens,
+        "max_total_num_tokens": load.max_total_tokens,
+        "token_usage": values["token_usage"],
+        "gen_throughput": values["gen_throughput"],
+        "cache_hit_rate": values["cache_hit_rate"],
+        "utilization": values["utilization"],
+        "max_running_requests": (load.stats or EngineStats()).max_running_requests,
+    }
+
+
+def disagg_mode_name(disaggregation_mode: str) -> str:
+    """A worker's disaggregation mode as SGLang reports it in its loads: prefill, decode or null."""
+    return disaggregation_mode if disaggregation_mode in ("prefill", "decode") else "null"
+
+
 def worker_loads(engine: EngineCollector, include: set[str], disaggregation_mode: str,
                  weight_bytes: int) -> dict[str, object]:
     loads = []
     for rank in range(engine.num_ranks):
         values, load = engine.rank_values(rank), engine.rank_load(rank)
         stats = load.stats or EngineStats()
-        entry: dict[str, object] = {
-            "dp_rank": rank,
-            "num_running_reqs": int(values["num_running_reqs"]),
-            "num_waiting_reqs": load.num_waiting_reqs,
-            "num_total_reqs": load.num_reqs,
-            "num_used_tokens": load.num_tokens,
-            "max_total_num_tokens": load.max_total_tokens,
-            "token_usage": round(values["token_usage"], 4),
-            "gen_throughput": round(values["gen_throughput"], 2),
-            "cache_hit_rate": round(values["cache_hit_rate"], 4),
-            "utilization": round(values["utilization"], 4),
-            "max_running_requests": stats.max_running_requests,
-        }
+        entry: dict[str, object] = {key: round(v, _ROUNDED[key]) if key in _ROUNDED else v
+                                    for key, v in core_load(engine, rank).items()}
         if "memory" in include:
             entry["memory"] = {"weight_gb": round(weight_bytes / 1e9, 4),
                                "kv_cache_gb": round(stats.kv_cache_bytes / 1e9, 4), "graph_gb": 0.0,
@@ -68,7 +83,7 @@ def worker_loads(engine: EngineCollector, include: set[str], disaggregation_mode
         if "disagg" in include:
             pd = stats.pd or PDStats()
             entry.update({
-                "disagg_mode": disaggregation_mode if disaggregation_mode in ("prefill", "decode") else "null",
+                "disagg_mode": disagg_mode_name(disaggregation_mode),
                 "prefill_queue_reqs": pd.num_prefill_prealloc_queue_reqs + pd.num_prefill_inflight_queue_reqs,
                 "decode_queue_reqs": pd.num_decode_prealloc_queue_reqs + pd.num_decode_transfer_queue_reqs,
                 "kv_transfer_latency_ms": round(pd.last_transfer.latency_ms, 3),
