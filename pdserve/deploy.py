@@ -17,7 +17,13 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from pdserve.config import SCHEDULE_POLICIES
+
 READY_TIMEOUT_S = 600.0
+# One step of a 128-token chunk on one core takes ~0.35 s here; a 1024-token prompt prefills as fast in 128-token
+# chunks as in 512 (342 vs 331 tok/s, 1 thread, avx512; 64: 271 tok/s), and a short prompt that arrives behind
+# a long one waits about one step (docs/benchmarks.md, issue 18).
+CHUNKED_PREFILL_SIZE = 128
 
 
 @dataclass
@@ -68,6 +74,8 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         common += ["--model-path", args.model_path]
     cpus = sorted(os.sched_getaffinity(0))
     children: list[Child] = []
+    chunk = ["--chunked-prefill-size", str(args.chunked_prefill_size),  # every server that prefills
+             "--schedule-policy", args.schedule_policy]
     service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
 
     def server(name: str, extra: list[str], cpu: list[int], tp: int = 1, dp: int = 1) -> Child:
@@ -81,7 +89,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         return Child(name, cmd, _url(args.host, port), "/health_generate", os.path.join(log_dir, f"{name}.log"), cpu)
 
     if args.unified:
-        children.append(server("unified-0", ["--chunked-prefill-size", str(args.chunked_prefill_size)], cpus))
+        children.append(server("unified-0", chunk, cpus))
         router_flags = ["--worker-urls", children[0].url]
     else:
         pre_cpus, dec_cpus = split_cpus(cpus, args.prefill, args.decode)
@@ -89,7 +97,8 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         for i in range(args.prefill):
             bp = free_port(args.host)
             c = server(f"prefill-{i}", ["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
-                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp)], pre_cpus[i],
+                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp), *chunk],
+                       pre_cpus[i],
                        args.prefill_tp, args.prefill_dp or args.dp)
             children.append(c)
             router_flags += ["--prefill", c.url, str(bp)]
@@ -212,7 +221,11 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-dp", type=int, default=None, help="overrides --dp for prefill servers")
     p.add_argument("--decode-dp", type=int, default=None, help="overrides --dp for decode servers")
     p.add_argument("--page-size", type=int, default=1, help="KV page size in tokens (prefill and decode agree)")
-    p.add_argument("--chunked-prefill-size", type=int, default=512, help="unified server only")
+    p.add_argument("--chunked-prefill-size", type=int, default=CHUNKED_PREFILL_SIZE,
+                   help="tokens of one prompt per step on every server that prefills (unified and prefill); the "
+                        "most a short prompt waits behind a long one is about one such step")
+    p.add_argument("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES,
+                   help="of every server that prefills (spf: short prompts go before long ones' chunks)")
     p.add_argument("--log-dir", default=None, help="default: ./logs/up-<time>")
 
 

@@ -95,6 +95,26 @@ def test_spf_does_not_starve_a_long_prompt():
     assert list(run_step(s)) == ["long"]
 
 
+def test_spf_gives_short_arrivals_a_step_of_their_own_and_the_long_prompt_every_other_step():
+    s = scheduler("spf")
+    s.add(request("long", 8 * CHUNK))
+    assert run_step(s) == {"long": CHUNK}
+    s.add(request("short", 20))
+    s.add(request("mid", CHUNK + 1))  # does not fit whole in one step: not quick
+    assert run_step(s) == {"short": 20}  # the quick step: no long chunk beside it
+    s.add(request("short2", 30))
+    step = run_step(s)  # no quick step follows a quick step: everyone shares this one
+    assert step["long"] > 0 and step["mid"] > 0 and step["short2"] > 0
+    s.add(request("short3", 10))
+    assert run_step(s) == {"short3": 10}
+    # fcfs keeps the long prompt's chunk in every step
+    f = scheduler("fcfs")
+    f.add(request("long", 8 * CHUNK))
+    run_step(f)
+    f.add(request("short", 20))
+    assert run_step(f) == {"long": CHUNK - 20, "short": 20}
+
+
 def test_random_policy_is_seeded_and_unknown_policies_are_refused():
     picks = []
     for _ in range(2):

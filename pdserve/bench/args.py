@@ -55,6 +55,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--long-prompt-output-len", type=int, default=_D.long_prompt_output_len)
     data.add_argument("--long-prompt-rate", type=_rate, default=_D.long_prompt_rate,
                       help="interference: long prompts per second (evenly spaced)")
+    data.add_argument("--short-request-rate", type=float, default=_D.short_request_rate,
+                      help="interference: short requests per second (Poisson; prompt --decode-input-len tokens) "
+                           "arriving from the first long prompt until the last one is answered: the TTFT that "
+                           "new users see while long prompts run (kind 'short'; 0: none)")
+    data.add_argument("--short-output-len", type=int, default=_D.short_output_len)
     data.add_argument("--long-prompt-delay", type=float, default=_D.long_prompt_delay,
                       help="interference: seconds between the decode streams' start and the first long prompt")
     data.add_argument("--min-decode-duration", type=float, default=_D.min_decode_duration,
@@ -126,7 +131,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             decode_output_len=args.decode_output_len, num_long_prompts=args.num_long_prompts,
             long_prompt_len=args.long_prompt_len, long_prompt_output_len=args.long_prompt_output_len,
             long_prompt_rate=args.long_prompt_rate, long_prompt_delay=args.long_prompt_delay,
-            min_decode_duration=args.min_decode_duration,
+            min_decode_duration=args.min_decode_duration, short_request_rate=args.short_request_rate,
+            short_output_len=args.short_output_len,
             request_rate=args.request_rate,
             max_concurrency=args.max_concurrency, warmup_requests=args.warmup_requests,
             timeout=args.timeout, duration_limit=args.duration_limit, ignore_eos=not args.disable_ignore_eos,

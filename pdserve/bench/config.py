@@ -60,6 +60,8 @@ class BenchConfig:
     long_prompt_output_len: int = 8
     long_prompt_rate: float = 0.5  # arrivals per second, evenly spaced
     long_prompt_delay: float = 2.0  # seconds after the decode streams start before the first long prompt
+    short_request_rate: float = 0.0  # Poisson arrivals per second of short requests while long prompts run
+    short_output_len: int = 16
     max_decode_restarts: int = 100  # per stream: bounded count even when long prompts take long
     min_decode_duration: float = 0.0  # seconds the decode streams keep restarting for, long prompts or none
 
@@ -109,9 +111,9 @@ class BenchConfig:
         for name in ("random_input_len", "random_output_len", "num_groups", "prompts_per_group",
                      "system_prompt_len", "question_len", "shared_prefix_output_len", "num_decode_streams",
                      "decode_input_len", "decode_output_len", "long_prompt_len", "long_prompt_output_len",
-                     "long_prompt_rate", "request_rate", "timeout", "duration_limit"):
+                     "long_prompt_rate", "short_output_len", "request_rate", "timeout", "duration_limit"):
             positive(name)
-        for name in ("num_long_prompts", "long_prompt_delay", "max_decode_restarts", "min_decode_duration",
+        for name in ("num_long_prompts", "short_request_rate", "long_prompt_delay", "max_decode_restarts", "min_decode_duration",
                      "warmup_requests"):
             positive(name, allow_zero=True)
         if not 0.0 <= self.random_range_ratio <= 1.0:

@@ -25,7 +25,7 @@ gold silver dark bright open close north south east west left right old young go
 free full hard simple clear true real human local final major common special
 """.split())
 
-KINDS = ("random", "shared-prefix", "decode", "long", "warmup")
+KINDS = ("random", "shared-prefix", "decode", "long", "short", "warmup")
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,12 @@ def shared_prefix_requests(cfg: BenchConfig, rng: random.Random) -> list[Request
 def decode_request(cfg: BenchConfig, rng: random.Random, index: int) -> RequestSpec:
     """interference: a short-prompt, long-output stream (the decodes whose ITL we watch)."""
     return RequestSpec(index, "decode", random_text(rng, cfg.decode_input_len), cfg.decode_output_len,
+                       cfg.decode_input_len)
+
+
+def short_request(cfg: BenchConfig, rng: random.Random, index: int) -> RequestSpec:
+    """interference: a short request arriving while long prompts run (its TTFT is what a new user sees)."""
+    return RequestSpec(index, "short", random_text(rng, cfg.decode_input_len), cfg.short_output_len,
                        cfg.decode_input_len)
 
 

@@ -7,6 +7,8 @@ itl_timeline.png  every inter-token gap at the wall time it ended (x: seconds si
                   prompt's arrival (dashed line) and its time to first token (shaded).
 slo_attainment.png  (runs with --slo-scale) SLO attainment and goodput against the SLO scale, one line per
                   result (DistServe's curve)
+goodput_vs_rate.png  (write_rate_plot) SLO attainment and goodput against the request rate, one line per
+                  deployment
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pdserve.bench.runner import BenchResult  # noqa: E402
 FILES = ("ttft.png", "itl.png", "itl_timeline.png")
 _KIND_STYLE = {  # (color, marker, size): a long prompt's gaps ("x") stay visible over the decodes' ("o")
     "decode": ("tab:blue", "o", 8), "long": ("tab:red", "x", 30),
+    "short": ("tab:green", "o", 8),
     "random": ("tab:blue", "o", 8), "shared-prefix": ("tab:green", "o", 8),
 }
 
@@ -130,3 +133,35 @@ def _attainment(results: Mapping[str, BenchResult], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_rate_plot(sweeps: Mapping[str, Mapping[float, BenchResult]], path: str, scale: float = 1.0) -> str:
+    """SLO attainment and goodput (at SLO scale `scale`) against the request rate: sweeps maps a deployment's
+    label to its results by rate (requests per second of the swept kind)."""
+    fig, (ax_att, ax_good) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, by_rate in sweeps.items():
+        rates = sorted(by_rate)
+        points = [_at_scale(by_rate[rate], scale) for rate in rates]
+        ax_att.plot(rates, [100 * p["attainment"] for p in points], marker="o", label=label)
+        ax_good.plot(rates, [p["goodput"] for p in points], marker="o", label=label)
+    for ax, ylabel in ((ax_att, f"SLO attainment (%), SLO x{scale:g}"), (ax_good, f"goodput (req/s), SLO x{scale:g}")):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _at_scale(r: BenchResult, scale: float) -> dict:
+    """The result's attainment point at SLO scale `scale` (the run's plain SLOs when it swept none)."""
+    for p in r.summary.get("slo_attainment") or []:
+        if p["scale"] == scale:
+            return p
+    if scale == 1.0:
+        n = r.summary["completed"] + r.summary["failed"]
+        return {"scale": 1.0, "attainment": r.summary["good_requests"] / max(n, 1), "goodput": r.summary["goodput"]}
+    raise ValueError(f"{r.label}: no SLO attainment at scale {scale:g} (run with it in --slo-scale)")

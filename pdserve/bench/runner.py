@@ -146,7 +146,7 @@ async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long
                             rng: random.Random, next_index: Callable[[], int]) -> None:
     """The decode streams start at once and each is restarted (a fresh request) when it ends while long
     prompts are still pending or --min-decode-duration has not passed; the long prompts arrive evenly at
-    --long-prompt-rate after --long-prompt-delay."""
+    --long-prompt-rate after --long-prompt-delay; short requests (--short-request-rate) arrive while they run."""
     cfg = run.cfg
     long_done = asyncio.Event()
     min_end = run.t0 + cfg.min_decode_duration
@@ -179,8 +179,24 @@ async def _run_interference(run: _Run, decode_specs: Sequence[RequestSpec], long
         finally:
             long_done.set()
 
+    async def short_arrivals() -> None:
+        """Poisson arrivals from the first long prompt until the last long prompt is answered (bounded: at most
+        the rate times the run's time limit)."""
+        sent: list[Awaitable] = []
+        t = run.t0 + cfg.long_prompt_delay
+        for _ in range(int(cfg.short_request_rate * cfg.duration_limit) + 1):
+            t += rng.expovariate(cfg.short_request_rate)
+            if not await run.sleep_until(t) or long_done.is_set():
+                break
+            run.pbar.total += 1
+            run.pbar.refresh()
+            sent.append(asyncio.create_task(run.send(datasets.short_request(cfg, rng, next_index()))))
+        await asyncio.gather(*sent)
+
     tasks = [asyncio.create_task(decode_stream(s)) for s in decode_specs]
     tasks.append(asyncio.create_task(long_arrivals()))
+    if cfg.short_request_rate > 0 and long_specs:
+        tasks.append(asyncio.create_task(short_arrivals()))
     await run.finish(tasks)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 
 from pdserve.config import EngineConfig
@@ -53,6 +54,12 @@ from pdserve.model.loader import ResolvedModel
 logger = logging.getLogger(__name__)
 
 PEER_IDLE_TTL_S = 600.0  # a decode peer silent this long, with nothing in flight, is released
+# A prompt's last write starts after the step that computed it; the decode hears it landed at the next poll. With
+# more work queued the next poll would come after the next step (~0.4 s for a 128-token chunk on one CPU core:
+# a short prompt's TTFT doubled), so the loop polls a little longer first: until the writes started after this
+# step landed, at most this share of the step's time and at most TAIL_WAIT_MAX_S.
+TAIL_WAIT_STEP_SHARE = 0.1
+TAIL_WAIT_MAX_S = 0.05
 
 
 @dataclass
@@ -157,6 +164,7 @@ class PrefillEngine:
         outs = self._handle_control()
         outs += self._expire_bootstrapping()
         outs += self._expire_waiting_input()
+        step_start = now()
         for o in self.engine.step():
             req = self.transferring.get(o.rid)
             if req is not None:
@@ -167,6 +175,17 @@ class PrefillEngine:
                 outs.append(o)
         self._stream_chunks()
         outs += self._poll_transfers()
+        return outs + self._await_fresh_writes(step_start)
+
+    def _await_fresh_writes(self, step_start: float) -> list[RequestOutput]:
+        """Poll until the last writes started after the step that began at step_start landed (see
+        TAIL_WAIT_STEP_SHARE), when another step would otherwise run first."""
+        deadline = now() + min(TAIL_WAIT_MAX_S, TAIL_WAIT_STEP_SHARE * (now() - step_start))
+        outs: list[RequestOutput] = []
+        while self.engine.has_work and now() < deadline and any(
+                r.disagg.extra.get("transfer_start", 0.0) >= step_start for r in self.transferring.values()):
+            time.sleep(0.0005)
+            outs += self._poll_transfers()
         return outs
 
     def load(self) -> LoadReport:

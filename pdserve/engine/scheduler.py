@@ -167,6 +167,7 @@ class Scheduler:
         self.failed: list[Request] = []
         self.stats = EngineStats(max_running_requests=config.max_running_requests)
         self._rng = random.Random(config.seed)  # --schedule-policy random
+        self._last_step_quick = False  # --schedule-policy spf: the last prefill step was a quick one
 
     # ---- queue management -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -227,7 +228,11 @@ class Scheduler:
             return
         continuing = [r for r in self.running if not r.is_decoding and r.num_uncomputed_tokens > 0]
         room = self.config.max_running_requests - len(self.running)
-        candidates = continuing + (self._pick_waiting(room) if room > 0 else [])
+        waiting = self._pick_waiting(room) if room > 0 else []
+        candidates = continuing + waiting
+        quick = self._quick_step(continuing, waiting, budget)
+        if quick:
+            candidates = quick
         if not candidates:
             return
         share = max(budget // len(candidates), MIN_PREFILL_SHARE)
@@ -277,6 +282,19 @@ class Scheduler:
                 else:
                     seq.num_new_tokens += n
                 budget -= n
+
+    def _quick_step(self, continuing: list[Request], waiting: list[Request], budget: int) -> list[Request]:
+        """--schedule-policy spf: the waiting prompts that fit whole in this step (shortest first) get a step of
+        their own, without the started long prompts' chunks: a short prompt's step then costs one pass over the
+        weights plus its own tokens, not a long prompt's chunk too (shortest remaining work first, as SRPT). A
+        started prompt still advances at least every other step: no quick step follows a quick step."""
+        last, self._last_step_quick = self._last_step_quick, False
+        if self.config.schedule_policy != "spf" or not continuing or last:
+            return []
+        limit = min(self.config.chunk_size, budget)
+        quick = [r for r in waiting if r.num_uncomputed_tokens <= limit]
+        self._last_step_quick = bool(quick)
+        return quick
 
     def _pick_waiting(self, room: int) -> list[Request]:
         """Up to `room` waiting requests whose inputs are ready (image embeddings may still be on their way), in

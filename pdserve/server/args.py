@@ -43,7 +43,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-tokens", type=int, default=_ENGINE.max_prefill_tokens)
     g.add_argument("--schedule-policy", default=_ENGINE.schedule_policy, choices=SCHEDULE_POLICIES,
                    help="order in which waiting prompts start: fcfs, spf (shortest prompt first, none waits over "
-                        "10 s behind shorter ones), lof (longest output first), random")
+                        "10 s behind shorter ones; a prompt that fits in one step gets a step of its own beside "
+                        "started long prompts, which still advance every other step), lof (longest output "
+                        "first), random")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads,
                    help="torch intra-op threads (of each engine replica with --dp-size)")
