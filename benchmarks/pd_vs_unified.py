@@ -2,11 +2,14 @@
 with chunked prefill on, and (b) 1 prefill + 1 decode, one core each, both behind pdserve's router.
 
     .venv/bin/python benchmarks/pd_vs_unified.py [--plot-dir docs/img] [--output-file r.json]
+                                                 [--long-prompt-rate 0.1 0.2 0.3] [--no-baseline]
 
 Deployments are started one after the other with `pdserve up` machinery (pdserve/deploy.py); the same
-workload (steady decode streams plus long prompts arriving at a set rate) runs against each, then, as a
-baseline, the same decode streams for as long with no long prompts (what the machine gives those streams
-with no interference at all); a side-by-side table follows.
+workload (steady decode streams, long prompts arriving at a set rate, short requests arriving while they run)
+runs against each, at each rate, then, as a baseline, the same decode streams for as long with no long prompts
+(what the machine gives those streams with no interference at all). Per rate: a side-by-side table, SLO
+attainment and goodput against the SLO scale, and the issue-18 targets (PD against unified); with several
+rates, attainment and goodput against the rate (goodput_vs_rate.png).
 """
 
 from __future__ import annotations

@@ -213,6 +213,28 @@ def test_bench_interference(server, tmp_path):
     assert timeline.startswith(PNG_MAGIC) and len(timeline) > 10_000
 
 
+def test_bench_short_requests_arrive_while_long_prompts_run(server, tmp_path):
+    out = tmp_path / "s.json"
+    r = bench(server, "--dataset", "interference", "--num-decode-streams", "1", "--decode-input-len", "16",
+              "--decode-output-len", "8", "--num-long-prompts", "2", "--long-prompt-len", "256",
+              "--long-prompt-output-len", "2", "--long-prompt-rate", "2", "--long-prompt-delay", "0.3",
+              "--short-request-rate", "20", "--short-output-len", "3", "--output-file", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Requests of kind 'short'" in r.stdout
+    d = json.loads(out.read_text())
+    shorts = [rec for rec in d["records"] if rec["kind"] == "short"]
+    longs = [rec for rec in d["records"] if rec["kind"] == "long"]
+    assert d["failed"] == 0 and shorts and len(longs) == 2
+    assert all(rec["output_len"] == 3 and rec["prompt_len"] == 16 for rec in shorts)
+    last_long_done = max(rec["start_time"] + rec["e2e"] for rec in longs)
+    # from the first long prompt's time until the last long prompt is answered (a short request's own send may
+    # lag its arrival time a little)
+    assert all(0.3 <= rec["start_time"] <= last_long_done + 0.5 for rec in shorts)
+    assert "short" in d["by_kind"]
+    r = bench(server, "--dataset", "interference", "--short-request-rate", "-1")
+    assert r.returncode == 2 and "--short-request-rate must be >= 0" in r.stderr
+
+
 def test_bench_streams_alone_for_a_set_time(server, tmp_path):
     """--num-long-prompts 0 --min-decode-duration: the interference run's baseline (streams, no long prompts)."""
     out = tmp_path / "alone.json"
