@@ -41,7 +41,8 @@ def start(unified: bool, a: argparse.Namespace, log_dir: str) -> tuple[Deploymen
     port = free_port("127.0.0.1")
     chunk = a.unified_chunked_prefill_size if unified and a.unified_chunked_prefill_size else a.chunked_prefill_size
     argv = ["--port", str(port), "--transfer-backend", a.backend, "--log-dir", log_dir,
-            "--chunked-prefill-size", str(chunk), "--schedule-policy", a.schedule_policy] + (["--unified"] if unified else [])
+            "--chunked-prefill-size", str(chunk), "--schedule-policy", a.schedule_policy,
+            "--prefill-layer-slices", str(a.prefill_layer_slices)] + (["--unified"] if unified else [])
     args = ap.parse_args(argv)
     os.makedirs(log_dir, exist_ok=True)
     dep = Deployment(plan(args, log_dir))
@@ -113,6 +114,8 @@ def main() -> None:
                     help="of every server that prefills (pdserve up's default)")
     ap.add_argument("--schedule-policy", default="spf", choices=SCHEDULE_POLICIES,
                     help="of every server that prefills, unified and PD alike")
+    ap.add_argument("--prefill-layer-slices", type=int, default=3,
+                    help="of every server that prefills (with spf: a short prompt waits one slice of a step)")
     ap.add_argument("--unified-chunked-prefill-size", type=int, default=None,
                     help="the unified server's, where it should differ")
     ap.add_argument("--slo-ttft-ms", type=float, default=5000)

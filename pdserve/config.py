@@ -38,6 +38,9 @@ class EngineConfig:
     chunked_prefill_size: int = 512  # <=0: no chunking
     max_prefill_tokens: int = 4096  # token budget of one step
     schedule_policy: str = "fcfs"  # order of waiting prompts (SCHEDULE_POLICIES; SGLang's flag)
+    # spf: a prefill-only step runs its layers in this many slices; a short prompt's step may run between two
+    # (docs/architecture.md "Prefill steps in layer slices"). 1: whole steps.
+    prefill_layer_slices: int = 1
     disable_radix_cache: bool = False
     num_threads: int | None = None  # torch intra-op threads; None: torch default
     engine_cpus: tuple[int, ...] = ()  # cores the engine process is pinned to; (): those of the server
@@ -73,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
+        if self.prefill_layer_slices < 1:
+            raise ValueError(f"prefill_layer_slices must be >= 1, got {self.prefill_layer_slices}")
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
         if self.disaggregation_mode not in DISAGG_MODES:

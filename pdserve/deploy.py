@@ -75,7 +75,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
     cpus = sorted(os.sched_getaffinity(0))
     children: list[Child] = []
     chunk = ["--chunked-prefill-size", str(args.chunked_prefill_size),  # every server that prefills
-             "--schedule-policy", args.schedule_policy]
+             "--schedule-policy", args.schedule_policy, "--prefill-layer-slices", str(args.prefill_layer_slices)]
     service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
 
     def server(name: str, extra: list[str], cpu: list[int], tp: int = 1, dp: int = 1) -> Child:
@@ -226,6 +226,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                         "most a short prompt waits behind a long one is about one such step")
     p.add_argument("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES,
                    help="of every server that prefills (spf: short prompts go before long ones' chunks)")
+    p.add_argument("--prefill-layer-slices", type=int, default=1,
+                   help="of every server that prefills (with spf: a short prompt waits one slice of a step)")
     p.add_argument("--log-dir", default=None, help="default: ./logs/up-<time>")
 
 

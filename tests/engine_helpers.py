@@ -31,7 +31,7 @@ def hf_greedy(hf_model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[li
 
 
 def build_tiny_model(path: str, model_type: str = "qwen2", seed: int = 0, num_heads: int = 4,
-                     num_kv_heads: int = 2) -> str:
+                     num_kv_heads: int = 2, num_layers: int = 2) -> str:
     """A tiny randomly initialised model dir (config + safetensors + tokenizer copied from the default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -39,7 +39,7 @@ def build_tiny_model(path: str, model_type: str = "qwen2", seed: int = 0, num_he
 
     tok = load_tokenizer(resolve_model(None).hf_dir)
     cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                               num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                                max_position_embeddings=512, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float()

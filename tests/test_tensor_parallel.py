@@ -82,6 +82,20 @@ def test_tp_2_4_8_greedy_equals_tp_1_and_transformers(tiny8):
         assert _greedy(tiny8, tp, prompts) == want, f"tp {tp}"
 
 
+def test_tp_2_prefill_in_layer_slices_equals_whole_steps(tiny8):
+    """Every rank runs the same layer slices of a step and keeps its own hidden state between them."""
+    def run(tp: int, **kw) -> list[list[int]]:
+        engine = Engine(EngineConfig(model=ModelConfig(model_path=tiny8), max_total_tokens=1024, tp_size=tp,
+                                     num_threads=1, chunked_prefill_size=64, disable_radix_cache=True, **kw))
+        try:
+            ids = engine.tokenizer.encode("The history of computing is long and full of surprises. " * 20)
+            return [o.new_token_ids for o in engine.generate([ids[:150], ids[160:170]], GREEDY)]
+        finally:
+            engine.close()
+
+    assert run(2, schedule_policy="spf", prefill_layer_slices=2) == run(1)
+
+
 def test_smollm2_tp_3_greedy_equals_tp_1_and_transformers():
     path = resolve_model(None).hf_dir
     prompts = PROMPTS[:3]

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+
+import msgspec
 
 from pdserve.config import EngineConfig
 from pdserve.engine.messages import GenerateRequest, LoadReport, RequestOutput
-from pdserve.engine.forward_batch import build_forward_batch
+from pdserve.engine.forward_batch import ForwardBatch, SeqScoring, build_forward_batch
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.request import Request
+from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.engine.tp_worker import TensorRanksFailed
@@ -23,6 +25,24 @@ from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
 from pdserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SlicedStep:
+    """A step run in layer slices (SchedulerOutput.num_layer_slices): its batch, and the slice to run next."""
+
+    sched: SchedulerOutput
+    batch: ForwardBatch
+    scoring: list[SeqScoring]
+    overrides: list[tuple[int, object]] | None
+    bounds: list[tuple[int, int]]  # [start, end) layers of each slice
+    next_slice: int = 0
+
+
+def layer_slices(num_layers: int, num_slices: int) -> list[tuple[int, int]]:
+    """[start, end) layer ranges of num_slices near-equal slices (at most one layer each)."""
+    k = min(num_slices, num_layers)
+    return [(i * num_layers // k, (i + 1) * num_layers // k) for i in range(k)]
 
 
 def eos_token_ids_of(hf_dir: str, tokenizer) -> tuple[int, ...]:
@@ -84,6 +104,7 @@ class Engine:
         self.scheduler.stats.kv_cache_bytes = self.runner.kv.bytes_per_token() * self.max_total_tokens
         self.requests: dict[str, Request] = {}
         self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)
+        self._sliced: _SlicedStep | None = None  # a step whose layers run in slices, under way
         # Vision-language models: the vision tower runs here unless encode servers compute the embeddings.
         from pdserve.epd.vlm import VLMSpec
 
@@ -153,36 +174,73 @@ class Engine:
 
     # ---- step: schedule -> run -> update ----------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        """One model run: a whole step, a quick step between two layer slices of a step under way, or that
+        step's next slice."""
+        sliced = self._sliced
+        if sliced is not None and any(seq.req.status is not RequestStatus.RUNNING for seq in sliced.sched.seqs):
+            self._sliced = sliced = None  # a request of it ended meanwhile (abort): the others redo this chunk
+        sched = self.scheduler.schedule(quick_only=sliced is not None)
         failed = []
         while self.scheduler.failed:  # finished inside schedule() (e.g. a preempted image prompt on a decode)
             req = self.scheduler.failed.pop()
             self.requests.pop(req.rid, None)
             failed.append(self.make_output(req))
-        if sched.empty:
-            return failed
-        self.last_forward = sched
+        if not sched.empty:
+            return failed + self._run(sched)
+        if sliced is not None:
+            return failed + self._next_slice()
+        return failed
+
+    def _run(self, sched: SchedulerOutput) -> list[RequestOutput]:
         try:
             batch, scoring, overrides = build_forward_batch(sched)
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep the engine alive
+            return self._fail_batch(sched, e)
+        if sched.num_layer_slices > 1:
+            bounds = layer_slices(self.runner.model.arch.num_layers, sched.num_layer_slices)
+            self._sliced = _SlicedStep(sched, batch, scoring, overrides, bounds)
+            return self._next_slice()
+        return self._forward(sched, batch, scoring, overrides, final=True)
+
+    def _next_slice(self) -> list[RequestOutput]:
+        sliced = self._sliced
+        start, end = sliced.bounds[sliced.next_slice]
+        sliced.next_slice += 1
+        final = sliced.next_slice == len(sliced.bounds)
+        if final:
+            self._sliced = None
+        batch = msgspec.structs.replace(sliced.batch, layer_start=start, layer_end=end)
+        return self._forward(sliced.sched, batch, sliced.scoring, sliced.overrides if start == 0 else None, final)
+
+    def _forward(self, sched: SchedulerOutput, batch: ForwardBatch, scoring: list[SeqScoring],
+                 overrides: list[tuple[int, object]] | None, final: bool) -> list[RequestOutput]:
+        self.last_forward = sched
+        try:
             results = self.runner.run(batch, scoring, overrides)
         except TensorRanksFailed as e:  # the TP group is gone: nothing can run here any more
             logger.error("%s: failing every request and stopping the engine", e)
             self._fail_all(f"engine error: {e}")
             raise
-        except Exception as e:  # fail this batch's requests, keep the engine alive
-            logger.exception("forward failed")
-            outs = failed
-            for seq in sched.seqs:
-                self.scheduler.finish(seq.req, "abort", error=f"engine error: {type(e).__name__}: {e}")
-                self.requests.pop(seq.req.rid, None)
-                outs.append(self.make_output(seq.req))
-            return outs
+        except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep the engine alive
+            self._sliced = None
+            return self._fail_batch(sched, e)
+        if not final:
+            return []
         changed = self.scheduler.update(sched, results)
-        outs = failed
+        outs = []
         for req in changed:
             outs.append(self.make_output(req))
             if req.finished:
                 self.requests.pop(req.rid, None)
+        return outs
+
+    def _fail_batch(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        logger.exception("forward failed")
+        outs = []
+        for seq in sched.seqs:
+            self.scheduler.finish(seq.req, "abort", error=f"engine error: {type(error).__name__}: {error}")
+            self.requests.pop(seq.req.rid, None)
+            outs.append(self.make_output(seq.req))
         return outs
 
     def idle(self) -> None:

@@ -31,6 +31,10 @@ class ForwardBatch(msgspec.Struct, frozen=True):
     prefills: list[PrefillSpan]
     decode_contexts: list[list[int]]  # per decoding sequence: its context slots incl. the new token
     logit_rows: list[int]  # rows of the flat batch whose logits are needed
+    # A step run in layer slices (scheduler: num_layer_slices) runs layers [layer_start, layer_end) per call;
+    # the hidden state waits in the model between calls. layer_end 0: every layer.
+    layer_start: int = 0
+    layer_end: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -72,14 +72,18 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------------
     def run(self, batch: ForwardBatch, scoring: list[SeqScoring],
             overrides: list[tuple[int, object]] | None = None) -> list[SampledToken | None]:
-        """Rank 0: the forward (every TP rank runs it too), then sampling and prompt scoring."""
+        """Rank 0: the forward (every TP rank runs it too), then sampling and prompt scoring. A layer slice
+        that is not a step's last (batch.layer_end) returns [] (nothing to sample yet)."""
         if self.tp_link is None:
-            return self._sample(scoring, self.forward(batch, overrides))
-        self.tp_link.send(RunForward(batch))
-        try:
             logits = self.forward(batch, overrides)
-        except Exception as e:  # the other ranks may wait in a collective this rank never reaches: fatal
-            raise TensorRanksFailed(f"forward failed on rank 0: {type(e).__name__}: {e}") from e
+        else:
+            self.tp_link.send(RunForward(batch))
+            try:
+                logits = self.forward(batch, overrides)
+            except Exception as e:  # the other ranks may wait in a collective this rank never reaches: fatal
+                raise TensorRanksFailed(f"forward failed on rank 0: {type(e).__name__}: {e}") from e
+        if batch.layer_end and batch.layer_end < self.model.arch.num_layers:
+            return []
         return self._sample(scoring, logits)
 
     def forward(self, batch: ForwardBatch, overrides: list[tuple[int, object]] | None = None) -> torch.Tensor | None:
@@ -105,8 +109,9 @@ class ModelRunner:
         if overrides:  # image embeddings replace placeholder rows: ([K] flat rows, [K, H])
             override = (torch.cat([hit[0] + start for start, hit in overrides]).to(dev),
                         torch.cat([hit[1] for _, hit in overrides]))
+        layers = (batch.layer_start, batch.layer_end) if batch.layer_end else None
         return self.model.forward(longs(batch.input_ids), longs(batch.positions), meta, self.kv,
-                                  longs(batch.logit_rows), override)  # [num_rows, V]
+                                  longs(batch.logit_rows), override, layers)  # [num_rows, V] or None
 
     def keepalive(self) -> None:
         """Idle rank 0: tell the other ranks it is alive (their wait for the next command has a deadline)."""

@@ -26,6 +26,7 @@ from pdserve.engine.stop_checker import StopChecker
 
 MIN_PREFILL_SHARE = 32  # tokens: the smallest fair share of a step's prefill budget
 SPF_MAX_WAIT_S = 10.0  # --schedule-policy spf: a prompt waiting this long starts before shorter ones
+SLICED_STEP_MIN_TOKENS = 64  # --prefill-layer-slices: smaller prefill steps run whole
 
 
 def _slots_to_come(req: Request) -> int:
@@ -47,6 +48,9 @@ class ScheduledSeq:
 class SchedulerOutput:
     prefills: list[ScheduledSeq] = field(default_factory=list)
     decodes: list[ScheduledSeq] = field(default_factory=list)
+    # > 1: run this step's layers in that many slices; the engine may run a quick step (schedule(quick_only))
+    # between two slices. Only for prefill-only steps of spf that are not quick steps themselves.
+    num_layer_slices: int = 1
 
     @property
     def empty(self) -> bool:
@@ -200,9 +204,14 @@ class Scheduler:
         return sum(len(r.slots) - r.num_tree_slots for r in self.running)
 
     # ---- schedule -----------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, quick_only: bool = False) -> SchedulerOutput:
+        """The next step. quick_only (a step in layer slices is under way; its requests must not be scheduled
+        again): only a quick step of waiting prompts (spf), or nothing."""
         out = SchedulerOutput()
         budget = max(self.step_budget, 1)
+        if quick_only:
+            self._schedule_prefills(out, budget, quick_only=True)
+            return out
         for req in list(self.running):
             if req.status is not RequestStatus.RUNNING or not req.is_decoding:
                 continue
@@ -214,27 +223,32 @@ class Scheduler:
             if req.status is RequestStatus.RUNNING:
                 out.decodes.append(ScheduledSeq(req, 1))
         budget -= len(out.decodes)
-        self._schedule_prefills(out, budget)
+        quick = self._schedule_prefills(out, budget)
+        slices = self.config.prefill_layer_slices
+        if (slices > 1 and self.config.schedule_policy == "spf" and not quick and not out.decodes
+                and sum(s.num_new_tokens for s in out.prefills) >= SLICED_STEP_MIN_TOKENS):
+            out.num_layer_slices = slices
         return out
 
-    def _schedule_prefills(self, out: SchedulerOutput, budget: int) -> None:
+    def _schedule_prefills(self, out: SchedulerOutput, budget: int, quick_only: bool = False) -> bool:
         """Prefill batching: the prompts being chunked and the waiting ones the policy picks share the step's
         token budget. Each first gets a fair share (budget / their number, at least MIN_PREFILL_SHARE tokens),
         then what is left goes to them in order (up to a chunk each). So a short prompt that arrives behind a long
         one starts within one step, and a long one still advances every step. A waiting prompt is admitted only
         while the KV pool also holds the rest of every prompt already started (else parts of many prompts could
-        fill it and none finish); the first that does not fit stops admission (FCFS)."""
+        fill it and none finish); the first that does not fit stops admission (FCFS). Returns whether this is a
+        quick step (spf: waiting prompts that fit whole, alone)."""
         if budget <= 0:
-            return
+            return False
         continuing = [r for r in self.running if not r.is_decoding and r.num_uncomputed_tokens > 0]
         room = self.config.max_running_requests - len(self.running)
         waiting = self._pick_waiting(room) if room > 0 else []
         candidates = continuing + waiting
         quick = self._quick_step(continuing, waiting, budget)
-        if quick:
+        if quick or quick_only:
             candidates = quick
         if not candidates:
-            return
+            return bool(quick)
         share = max(budget // len(candidates), MIN_PREFILL_SHARE)
         reserved = sum(_slots_to_come(r) for r in continuing)  # what started prompts still need
         planned: dict[str, ScheduledSeq] = {}
@@ -242,7 +256,7 @@ class Scheduler:
         for cap in (share, None):  # pass 1: the fair share each; pass 2: the rest, in order
             for req in candidates:
                 if budget <= 0:
-                    return
+                    return bool(quick)
                 seq = planned.get(req.rid)
                 waiting = seq is None and req.status is RequestStatus.WAITING
                 if waiting and not admitting:
@@ -282,6 +296,7 @@ class Scheduler:
                 else:
                     seq.num_new_tokens += n
                 budget -= n
+        return bool(quick)
 
     def _quick_step(self, continuing: list[Request], waiting: list[Request], budget: int) -> list[Request]:
         """--schedule-policy spf: the waiting prompts that fit whole in this step (shortest first) get a step of

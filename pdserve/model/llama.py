@@ -159,27 +159,38 @@ class LlamaForCausalLM:
                 )
             )
         self.scale = a.head_dim**-0.5
+        self._sliced_hidden: torch.Tensor | None = None  # [T, H] between the layer slices of one step
 
     # ---- forward ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata, kv: KVCache,
                 logits_idx: torch.Tensor,
-                embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                embeds_override: tuple[torch.Tensor, torch.Tensor] | None = None,
+                layers: tuple[int, int] | None = None) -> torch.Tensor | None:
         """input_ids, positions: [T]; logits_idx: [N] rows of the batch to score. Returns logits [N, V] fp32.
 
         embeds_override: optional (rows [K] int64, embeddings [K, H]): those rows of the flat batch take the
-        given input embeddings instead of their token's (image placeholder tokens of multimodal prompts)."""
+        given input embeddings instead of their token's (image placeholder tokens of multimodal prompts).
+        layers: (start, end): run only those layers of the step (a step in layer slices, called in order with
+        the same batch); the hidden state [T, H] waits here between slices, and only the last returns logits."""
         a = self.arch
-        x = self._embed(input_ids)  # [T, H]
-        if embeds_override is not None:
-            rows, values = embeds_override
-            x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
+        start, end = layers if layers is not None else (0, len(self.layers))
+        if start == 0:
+            x = self._embed(input_ids)  # [T, H]
+            if embeds_override is not None:
+                rows, values = embeds_override
+                x.index_copy_(0, rows, values.to(device=x.device, dtype=x.dtype))  # [K, H] into [T, H]
+        else:
+            if self._sliced_hidden is None:
+                raise RuntimeError(f"layer slice [{start}, {end}) without the slices before it")
+            x, self._sliced_hidden = self._sliced_hidden, None
         ops = self.ops
         ops.start_rows(meta.decode_start)  # prompt-token rows first, then one row per decoding sequence
-        fused = None if self.tp else ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale)
+        whole = layers is None or (start, end) == (0, len(self.layers))
+        fused = ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale) if whole and not self.tp else None
         x = x if fused is None else fused
         rope = ops.rope_inputs(positions)
-        for li, L in enumerate([] if fused is not None else self.layers):
+        for li, L in ([] if fused is not None else list(enumerate(self.layers))[start:end]):
             h = ops.rmsnorm(x, L["in_norm"], a.rms_norm_eps)
             qkv = ops.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
             q = ops.rope_store(qkv, rope, a.num_heads, a.num_kv_heads, a.head_dim, meta.out_slots, kv.k[li],
@@ -188,6 +199,9 @@ class LlamaForCausalLM:
             x = self._row_parallel(o, L["o"], x)
             h = ops.rmsnorm(x, L["post_norm"], a.rms_norm_eps)
             x = self._row_parallel(ops.silu_mul(ops.linear(h, L["gate_up"])), L["down"], x)  # gate_up: [T, 2I]
+        if end < len(self.layers):
+            self._sliced_hidden = x  # [T, H] for the next slice
+            return None
         x = x.index_select(0, logits_idx)
         ops.start_rows(0)  # one row per sequence to score: these take the decode rows' path
         x = ops.rmsnorm(x, self.norm, a.rms_norm_eps)

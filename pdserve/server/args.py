@@ -46,6 +46,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "10 s behind shorter ones; a prompt that fits in one step gets a step of its own beside "
                         "started long prompts, which still advance every other step), lof (longest output "
                         "first), random")
+    g.add_argument("--prefill-layer-slices", type=int, default=_ENGINE.prefill_layer_slices,
+                   help="with --schedule-policy spf: run a prefill-only step's layers in this many slices, so a "
+                        "short prompt that arrives during a long prompt's chunk waits for one slice, not the "
+                        "whole step (1: whole steps)")
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--num-threads", type=int, default=_ENGINE.num_threads,
                    help="torch intra-op threads (of each engine replica with --dp-size)")
@@ -119,7 +123,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_running_requests=args.max_running_requests,
         chunked_prefill_size=args.chunked_prefill_size,
         max_prefill_tokens=args.max_prefill_tokens,
-        schedule_policy=args.schedule_policy,
+        schedule_policy=args.schedule_policy, prefill_layer_slices=args.prefill_layer_slices,
         disable_radix_cache=args.disable_radix_cache,
         num_threads=args.num_threads,
         engine_cpus=args.engine_cpus,
