@@ -22,7 +22,7 @@ from pdserve.config import SCHEDULE_POLICIES
 READY_TIMEOUT_S = 600.0
 # One step of a 128-token chunk on one core takes ~0.35 s here; a 1024-token prompt prefills as fast in 128-token
 # chunks as in 512 (342 vs 331 tok/s, 1 thread, avx512; 64: 271 tok/s), and a short prompt that arrives behind
-# a long one waits about one step (docs/benchmarks.md, issue 18).
+# a long one waits about one layer slice of such a step (spf, --prefill-layer-slices; docs/benchmarks.md, issue 18).
 CHUNKED_PREFILL_SIZE = 128
 
 
@@ -224,9 +224,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunked-prefill-size", type=int, default=CHUNKED_PREFILL_SIZE,
                    help="tokens of one prompt per step on every server that prefills (unified and prefill); the "
                         "most a short prompt waits behind a long one is about one such step")
-    p.add_argument("--schedule-policy", default="fcfs", choices=SCHEDULE_POLICIES,
+    p.add_argument("--schedule-policy", default="spf", choices=SCHEDULE_POLICIES,
                    help="of every server that prefills (spf: short prompts go before long ones' chunks)")
-    p.add_argument("--prefill-layer-slices", type=int, default=1,
+    p.add_argument("--prefill-layer-slices", type=int, default=3,
                    help="of every server that prefills (with spf: a short prompt waits one slice of a step)")
     p.add_argument("--log-dir", default=None, help="default: ./logs/up-<time>")
 
