@@ -44,6 +44,14 @@ class Envs:
     step_log: str
     kv_chunk_streaming: bool  # prefill: send each computed chunk's KV while the next computes
     torch_profiler_dir: str  # where /start_profile writes traces when the request names no output_dir
+    # Fault injection for tests (off by default): a prefill fails each prompt's KV transfer with this probability,
+    # through the real failure path (its writes abandoned, TransferDone(ok=False) to the decode).
+    fault_transfer_fail_p: float
+    fault_seed: int | None  # seeds the injection's draws (the same count of failures for the same requests)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fault_transfer_fail_p <= 1.0:
+            raise ValueError(f"PDSERVE_FAULT_TRANSFER_FAIL_P must be in [0, 1], got {self.fault_transfer_fail_p}")
 
 
 def _read() -> Envs:
@@ -70,6 +78,8 @@ def _read() -> Envs:
         step_log=os.environ.get("PDSERVE_STEP_LOG", ""),
         kv_chunk_streaming=os.environ.get("PDSERVE_KV_CHUNK_STREAMING", "1") != "0",
         torch_profiler_dir=os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp"),
+        fault_transfer_fail_p=_float("PDSERVE_FAULT_TRANSFER_FAIL_P", 0.0),
+        fault_seed=_int("PDSERVE_FAULT_SEED", -1) if os.environ.get("PDSERVE_FAULT_SEED") else None,
     )
 
 

@@ -168,3 +168,34 @@ def test_abort_while_chunks_stream_keeps_kv_until_the_writes_stopped():
         wait_idle_and_free(prefill.server, decode)
     finally:
         stop_all(prefill, *(d for d in (decode,) if d is not None))
+
+
+def test_injected_transfer_failures_fail_cleanly_and_nothing_leaks():
+    """PDSERVE_FAULT_TRANSFER_FAIL_P=0.05 on the prefill for 200 requests (SGLang injects 5% too): each failure
+    is a clear error to the client, the rest answer, both servers stay up and end with no KV in use."""
+    prefill = start_prefill(BACKEND, env={"PDSERVE_FAULT_TRANSFER_FAIL_P": "0.05", "PDSERVE_FAULT_SEED": "7"})
+    decode = start_decode(BACKEND)
+    try:
+        failures_before = pd_failures(prefill.server)[1]
+        bodies = [{"text": f"Request {i}: say something short.",
+                   "sampling_params": {"max_new_tokens": 4, "temperature": 0}} for i in range(200)]
+        with cf.ThreadPoolExecutor(8) as ex:
+            results = list(ex.map(lambda b: pd_post(prefill, decode, "/generate", b), bodies))
+        answered, errors = 0, []
+        for _, rd in results:
+            if rd.status_code == 200:
+                assert rd.json()["output_ids"], rd.text
+                answered += 1
+            else:
+                errors.append(rd)
+        assert answered + len(errors) == 200
+        print(f"injected transfer failures: {len(errors)} of 200 requests failed with a clear error, {answered} answered")
+        assert 1 <= len(errors) <= 30, [e.text for e in errors[:3]]  # ~10 expected at 5%
+        for e in errors:
+            assert e.status_code >= 400 and "injected fault" in e.json()["error"]["message"], e.text
+        assert pd_failures(prefill.server)[1] - failures_before == len(errors)
+        wait_idle_and_free(prefill.server, decode)
+        for s in (prefill.server, decode):
+            assert httpx.get(s.base_url + "/health", timeout=30).status_code == 200
+    finally:
+        stop_all(prefill, decode)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from dataclasses import dataclass, replace
 
@@ -58,6 +59,7 @@ PEER_IDLE_TTL_S = 600.0  # a decode peer silent this long, with nothing in fligh
 # more work queued the next poll would come after the next step (~0.4 s for a 128-token chunk on one CPU core:
 # a short prompt's TTFT doubled), so the loop polls a little longer first: until the writes started after this
 # step landed, at most this share of the step's time and at most TAIL_WAIT_MAX_S.
+INJECTED_TRANSFER_FAILURE = "KV transfer failed: injected fault (PDSERVE_FAULT_TRANSFER_FAIL_P)"
 TAIL_WAIT_STEP_SHARE = 0.1
 TAIL_WAIT_MAX_S = 0.05
 
@@ -85,6 +87,7 @@ class PrefillEngine:
         self._abandon: list[int] = []  # writes to stop, told to every rank at the next poll
         self.num_staged = 0  # transfers sent from a staged copy (prefill TP < decode TP)
         self.num_streamed_chunks = 0  # chunk writes sent while the prompt's next chunks computed
+        self._faults = random.Random(ENVS.fault_seed) if ENVS.fault_transfer_fail_p > 0 else None  # tests only
         self.bootstrapping: dict[int, Request] = {}  # room -> request waiting for its destination
         self.destinations: dict[int, tuple[KVDestination, float]] = {}  # arrived before their request
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
@@ -428,6 +431,9 @@ class PrefillEngine:
             self._start_write(st, xfer_id, req.slots[sent:n], list(st.dst_slots[sent:n]), streamed, meta_run,
                               stage_start)
             st.handle = xfer_id
+            if self._faults is not None and self._faults.random() < ENVS.fault_transfer_fail_p:
+                self.xfer.fail(xfer_id, st.peer or "", INJECTED_TRANSFER_FAILURE)
+                st.aborted = INJECTED_TRANSFER_FAILURE  # the poll fails the room with this error
             st.state = TransferState.TRANSFERRING
             st.deadline = now() + ENVS.disagg_transfer_timeout_s
             st.extra["transfer_start"] = now()
