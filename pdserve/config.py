@@ -53,6 +53,9 @@ class EngineConfig:
     # Shared deployment secret: signs every control frame between servers (disagg/wire.py) and is the bearer
     # token of bootstrap writes. Required where the control ports face a network (a non-loopback host).
     auth_token: str | None = None
+    # PD: the prefill sends a checksum of each prompt's KV; the decode checks what landed and fails a corrupted
+    # request (both sides must have the same TP layout; others are not checked).
+    kv_checksum: bool = False
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself

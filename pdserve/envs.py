@@ -47,11 +47,14 @@ class Envs:
     # Fault injection for tests (off by default): a prefill fails each prompt's KV transfer with this probability,
     # through the real failure path (its writes abandoned, TransferDone(ok=False) to the decode).
     fault_transfer_fail_p: float
+    fault_kv_corrupt_p: float  # a decode changes a byte of each prompt's landed KV with this probability
     fault_seed: int | None  # seeds the injection's draws (the same count of failures for the same requests)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fault_transfer_fail_p <= 1.0:
             raise ValueError(f"PDSERVE_FAULT_TRANSFER_FAIL_P must be in [0, 1], got {self.fault_transfer_fail_p}")
+        if not 0.0 <= self.fault_kv_corrupt_p <= 1.0:
+            raise ValueError(f"PDSERVE_FAULT_KV_CORRUPT_P must be in [0, 1], got {self.fault_kv_corrupt_p}")
 
 
 def _read() -> Envs:
@@ -79,6 +82,7 @@ def _read() -> Envs:
         kv_chunk_streaming=os.environ.get("PDSERVE_KV_CHUNK_STREAMING", "1") != "0",
         torch_profiler_dir=os.environ.get("SGLANG_TORCH_PROFILER_DIR", "/tmp"),
         fault_transfer_fail_p=_float("PDSERVE_FAULT_TRANSFER_FAIL_P", 0.0),
+        fault_kv_corrupt_p=_float("PDSERVE_FAULT_KV_CORRUPT_P", 0.0),
         fault_seed=_int("PDSERVE_FAULT_SEED", -1) if os.environ.get("PDSERVE_FAULT_SEED") else None,
     )
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from tests.pd_helpers import Prefill, load, pd_post, start_decode, start_prefill, stop_all, with_bootstrap
-from tests.test_pd import wait_idle_and_free
+from tests.test_pd import greedy_body, wait_idle_and_free
 
 BACKEND = os.environ.get("PDSERVE_TEST_FAILURE_BACKEND", "nixl")
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 250  # ~2.5k tokens: seconds of prefill
@@ -194,6 +194,38 @@ def test_injected_transfer_failures_fail_cleanly_and_nothing_leaks():
         for e in errors:
             assert e.status_code >= 400 and "injected fault" in e.json()["error"]["message"], e.text
         assert pd_failures(prefill.server)[1] - failures_before == len(errors)
+        wait_idle_and_free(prefill.server, decode)
+        for s in (prefill.server, decode):
+            assert httpx.get(s.base_url + "/health", timeout=30).status_code == 200
+    finally:
+        stop_all(prefill, decode)
+
+
+def test_kv_checksum_passes_good_transfers_and_fails_corrupted_ones(server):
+    """--disaggregation-kv-checksum on both sides; the decode corrupts a byte of half the prompts' landed KV
+    (PDSERVE_FAULT_KV_CORRUPT_P=0.5): those fail with an error naming corruption, the others give the unified
+    server's output, both servers stay healthy and end with no KV in use."""
+    prefill = start_prefill(BACKEND, ["--disaggregation-kv-checksum"])
+    decode = start_decode(BACKEND, ["--disaggregation-kv-checksum"],
+                          env={"PDSERVE_FAULT_KV_CORRUPT_P": "0.5", "PDSERVE_FAULT_SEED": "1"})
+    try:
+        prompts = [f"Question {i}: name a colour." for i in range(16)]
+        want = {}
+        for p in prompts:
+            r = httpx.post(server.base_url + "/generate", json=greedy_body(p), timeout=120)
+            assert r.status_code == 200, r.text
+            want[p] = r.json()["output_ids"]
+        corrupted = 0
+        for p in prompts:
+            _, rd = pd_post(prefill, decode, "/generate", greedy_body(p))
+            if rd.status_code == 200:
+                assert rd.json()["output_ids"] == want[p]
+            else:
+                assert rd.status_code >= 400 and "arrived corrupted" in rd.json()["error"]["message"], rd.text
+                corrupted += 1
+        print(f"KV checksum: {corrupted} of {len(prompts)} corrupted transfers caught, the rest matched unified")
+        assert 1 <= corrupted < len(prompts)
+        assert pd_failures(decode)[1] >= corrupted
         wait_idle_and_free(prefill.server, decode)
         for s in (prefill.server, decode):
             assert httpx.get(s.base_url + "/health", timeout=30).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import msgspec
@@ -97,3 +98,17 @@ class DisaggLink:
 
 def now() -> float:
     return time.monotonic()
+
+
+def kv_checksum(engine: Engine, slots: list[int]) -> int:
+    """CRC-32 of the K and V rows of `slots` on every layer of this rank's KV pool, in order: what a peer with the
+    same TP layout holds for the same prompt after a correct transfer (--disaggregation-kv-checksum)."""
+    import torch
+
+    kv = engine.runner.kv
+    index = torch.tensor(slots, dtype=torch.long, device=kv.k[0].device)
+    crc = 0
+    for pool in (*kv.k, *kv.v):  # [num_slots, nKV, D] each
+        rows = pool.index_select(0, index).contiguous().cpu()  # [n, nKV, D]
+        crc = zlib.crc32(rows.view(torch.uint8).numpy(), crc)
+    return crc

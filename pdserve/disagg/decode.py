@@ -24,6 +24,7 @@ Lifecycle of one request on a decode server:
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,7 @@ from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import lookup_instance, lookup_rank
 from pdserve.disagg.kv_slicing import num_local_kv_heads, prefill_ranks_for_decode
 from pdserve.disagg.rank_transfer import Unstage, encode_command
-from pdserve.disagg.common import DisaggLink, RoomState, now
+from pdserve.disagg.common import DisaggLink, RoomState, kv_checksum, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, PrefillLayout, RankInfo, TransferDone
 from pdserve.disagg.transfer import TransferState
 from pdserve.engine.engine import Engine
@@ -95,6 +96,7 @@ class DecodeEngine:
         self.rooms: dict[int, Request] = {}  # every live PD request not yet running
         self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
         self.num_staged = 0  # destinations handed out with lent slots (prefill TP > decode TP)
+        self._faults = random.Random(ENVS.fault_seed) if ENVS.fault_kv_corrupt_p > 0 else None  # tests only
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
 
@@ -376,6 +378,12 @@ class DecodeEngine:
         if row is None or row.room != st.room or row.nonce != st.nonce:
             found = "no metadata" if row is None else f"room {row.room}, nonce {row.nonce}"
             return self._fail(req, f"metadata check failed for room {st.room} ({found}): refusing foreign KV",
+                              prefill_done=True)
+        if self._faults is not None and self._faults.random() < ENVS.fault_kv_corrupt_p:  # tests only
+            self.engine.runner.kv.k[0][st.dst_slots[-1]].view(-1)[0] += 1.0
+        if done.kv_checksum is not None and kv_checksum(self.engine, list(st.dst_slots)) != done.kv_checksum:
+            self.link.stats.count_failure(in_bootstrap=False)
+            return self._fail(req, f"KV checksum mismatch for room {st.room}: the prompt's KV arrived corrupted",
                               prefill_done=True)
         self._unstage(st)  # first: if it raises, the room is still tracked (and fails by its deadline)
         del self.transferring[st.room]

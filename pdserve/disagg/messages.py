@@ -115,6 +115,7 @@ class TransferDone(WireMessage, frozen=True):
     meta_bytes: bytes | None = None  # the metadata row, sent inline only by backends that move no data
     transfer_ms: Annotated[float, msgspec.Meta(ge=0, le=1e9)] = 0.0  # ok: how long the prefill's KV write took
     client_abort: bool = False  # not ok because a client aborted (not a PD failure: /metrics does not count it)
+    kv_checksum: Annotated[int, msgspec.Meta(ge=0, le=0xFFFFFFFF)] | None = None  # CRC-32 (--disaggregation-kv-checksum)
 
 
 class AbortRoom(WireMessage, frozen=True):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 from pdserve.config import EngineConfig
 from pdserve.disagg.bootstrap import BootstrapServer, register_rank
-from pdserve.disagg.common import DisaggLink, RoomState, now
+from pdserve.disagg.common import DisaggLink, RoomState, kv_checksum, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, TransferDone
 from pdserve.disagg.metadata import MetaRow
 from pdserve.disagg.kv_slicing import num_local_kv_heads
@@ -420,6 +420,10 @@ class PrefillEngine:
         self.link.meta.write(row, MetaRow(st.room, st.nonce, req.output_ids[0], req.num_cached_tokens,
                                           lp.logprob if lp else 0.0, lp.top if lp else []))
         st.extra["local_row"] = row
+        peer = self.xfer.peers.get(st.peer or "")
+        if (self.engine.config.kv_checksum and self.link.moves_data and peer is not None
+                and len(peer.layout.agents) == self.engine.config.tp_size):  # the decode's rank 0 holds what ours does
+            st.extra["kv_checksum"] = kv_checksum(self.engine, req.slots[:n])
         rb = self.link.meta.row_bytes
         meta_run = (0, [WriteRun(self.link.meta_region, row * rb, st.meta_row * rb, rb)])  # to decode rank 0
         streamed = st.handle is not None  # its first chunks are on their way: the tail joins that write
@@ -566,7 +570,7 @@ class PrefillEngine:
                     _log_timeline(st, len(st.dst_slots))
                 meta = None if self.link.moves_data else self.link.meta.row_view(row)
                 self._notify(st, TransferDone(st.room, ok=True, nonce=st.nonce, meta_bytes=meta,
-                                              transfer_ms=transfer_s * 1e3))
+                                              transfer_ms=transfer_s * 1e3, kv_checksum=st.extra.get("kv_checksum")))
                 self.link.meta.free(row)
                 self.engine.scheduler.kv.release(req)
                 self.room_rid.pop(st.room, None)

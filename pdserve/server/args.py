@@ -84,6 +84,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     for flag in ("--disaggregation-decode-tp", "--disaggregation-decode-dp", "--disaggregation-prefill-pp"):
         g.add_argument(flag, type=int, default=None,
                        help="accepted for compatibility and ignored: the peer's layout is learned at run time")
+    g.add_argument("--disaggregation-kv-checksum", action="store_true",
+                   help="prefill: send a CRC-32 of each prompt's KV with its TransferDone; decode: check the KV that "
+                        "landed against it and fail a corrupted request (same TP layout on both sides)")
     g.add_argument("--disaggregation-auth-token", default=ENVS.disagg_auth_token or None,
                    help="shared secret of the deployment: signs control frames between servers and authorises "
                         "bootstrap writes (default: PDSERVE_DISAGGREGATION_AUTH_TOKEN; required off loopback)")
@@ -135,7 +138,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         bootstrap_port=args.disaggregation_bootstrap_port,
         ib_device=args.disaggregation_ib_device,
         host=args.host,
-        auth_token=args.disaggregation_auth_token,
+        auth_token=args.disaggregation_auth_token, kv_checksum=args.disaggregation_kv_checksum,
         tp_size=args.tp_size,
         dp_size=args.dp_size,
         dist_init_addr=args.dist_init_addr,
