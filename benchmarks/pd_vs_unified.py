@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import replace
 
 from pdserve.bench import BenchConfig, BenchResult, format_table, run_benchmarks
+from pdserve.bench.metrics import attainment_at
 from pdserve.config import SCHEDULE_POLICIES
 from pdserve.deploy import (
     CHUNKED_PREFILL_SIZE,
@@ -70,6 +71,15 @@ def kind(r: BenchResult, name: str) -> dict:
     return r.by_kind.get(name, r.summary)
 
 
+def itl_ratio(d: dict) -> float:
+    """p99 / median inter-token latency of a summary."""
+    return d["p99_itl_ms"] / max(d["median_itl_ms"], 1e-9)
+
+
+def median_short_ttft(r: BenchResult) -> float:
+    return statistics.median(short_ttfts_under_interference(r) or [math.nan])
+
+
 def short_ttfts_under_interference(r: BenchResult) -> list[float]:
     """TTFTs (ms) of the short requests (--short-request-rate) sent while a long prompt was waiting for its first
     token."""
@@ -80,10 +90,9 @@ def short_ttfts_under_interference(r: BenchResult) -> list[float]:
 
 def print_targets(unified: BenchResult, pd: BenchResult) -> None:
     """The issue's targets, PD against unified in the same run."""
-    short_u, short_p = (statistics.median(short_ttfts_under_interference(r) or [math.nan]) for r in (unified, pd))
+    short_u, short_p = median_short_ttft(unified), median_short_ttft(pd)
     long_u, long_p = kind(unified, "long")["median_ttft_ms"], kind(pd, "long")["median_ttft_ms"]
     dec = kind(pd, "decode")
-    itl_ratio = dec["p99_itl_ms"] / max(dec["median_itl_ms"], 1e-9)
     below = [(u, p) for u, p in zip(unified.summary["slo_attainment"], pd.summary["slo_attainment"])
              if u["attainment"] < 0.5]
     cells = ", ".join(f"x{u['scale']:g}: {p['goodput'] / u['goodput']:.2f}x" if u["goodput"] else
@@ -94,7 +103,7 @@ def print_targets(unified: BenchResult, pd: BenchResult) -> None:
           f"unified {short_u:.0f} ms: {short_p / max(short_u, 1e-9):.2f}x (target <= 1.5x)")
     print(f"  long prompts' median TTFT: PD {long_p:.0f} ms, unified {long_u:.0f} ms: "
           f"{long_p / max(long_u, 1e-9):.2f}x (target <= 2.2x)")
-    print(f"  PD decode ITL p99 / median: {dec['p99_itl_ms']:.1f} / {dec['median_itl_ms']:.1f} ms = {itl_ratio:.2f} "
+    print(f"  PD decode ITL p99 / median: {dec['p99_itl_ms']:.1f} / {dec['median_itl_ms']:.1f} ms = {itl_ratio(dec):.2f} "
           f"(target <= 1.3)")
 
 
@@ -164,7 +173,7 @@ def main() -> None:
         for label, r in {**results, **(alone if rate == a.long_prompt_rate[0] else {})}.items():
             d = kind(r, "decode")
             print(f"  {label:<28} ITL median {d['median_itl_ms']:.1f} ms, p99 {d['p99_itl_ms']:.1f} ms, "
-                  f"max {d['max_itl_ms']:.1f} ms; p99/median {d['p99_itl_ms'] / max(d['median_itl_ms'], 1e-9):.2f}")
+                  f"max {d['max_itl_ms']:.1f} ms; p99/median {itl_ratio(d):.2f}")
         print("\nSLO attainment / goodput (req/s) with every SLO (TTFT, TPOT, per-request p99 ITL) times the scale:")
         for label, r in results.items():
             cells = [f"x{p['scale']:g}: {100 * p['attainment']:.0f}% / {p['goodput']:.2f}"
@@ -185,12 +194,10 @@ def main() -> None:
         for label, by_rate in sweeps.items():
             cells = []
             for rate, r in sorted(by_rate.items()):
-                p = next((q for q in r.summary["slo_attainment"] if q["scale"] == 1.0), None)
+                p = attainment_at(r.summary, 1.0)
                 att = f"{100 * p['attainment']:.0f}% / {p['goodput']:.2f}" if p else "-"
-                d = kind(r, "decode")
-                short = statistics.median(short_ttfts_under_interference(r) or [math.nan])
-                cells.append(f"{rate:g}/s: {att} / {short:.0f} / {kind(r, 'long')['median_ttft_ms']:.0f}"
-                             f" / {d['p99_itl_ms'] / max(d['median_itl_ms'], 1e-9):.2f}")
+                cells.append(f"{rate:g}/s: {att} / {median_short_ttft(r):.0f} / "
+                             f"{kind(r, 'long')['median_ttft_ms']:.0f} / {itl_ratio(kind(r, 'decode')):.2f}")
             print(f"  {label:<28} " + "; ".join(cells))
         if a.plot_dir and 1.0 in a.slo_scale:
             from pdserve.bench.plots import write_rate_plot

@@ -74,7 +74,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         common += ["--model-path", args.model_path]
     cpus = sorted(os.sched_getaffinity(0))
     children: list[Child] = []
-    chunk = ["--chunked-prefill-size", str(args.chunked_prefill_size),  # every server that prefills
+    prefill_flags = ["--chunked-prefill-size", str(args.chunked_prefill_size),  # every server that prefills
              "--schedule-policy", args.schedule_policy, "--prefill-layer-slices", str(args.prefill_layer_slices)]
     service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
 
@@ -89,7 +89,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         return Child(name, cmd, _url(args.host, port), "/health_generate", os.path.join(log_dir, f"{name}.log"), cpu)
 
     if args.unified:
-        children.append(server("unified-0", chunk, cpus))
+        children.append(server("unified-0", prefill_flags, cpus))
         router_flags = ["--worker-urls", children[0].url]
     else:
         pre_cpus, dec_cpus = split_cpus(cpus, args.prefill, args.decode)
@@ -97,7 +97,7 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
         for i in range(args.prefill):
             bp = free_port(args.host)
             c = server(f"prefill-{i}", ["--disaggregation-mode", "prefill", "--disaggregation-transfer-backend",
-                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp), *chunk],
+                                        args.transfer_backend, "--disaggregation-bootstrap-port", str(bp), *prefill_flags],
                        pre_cpus[i],
                        args.prefill_tp, args.prefill_dp or args.dp)
             children.append(c)

@@ -113,8 +113,8 @@ class BenchConfig:
                      "decode_input_len", "decode_output_len", "long_prompt_len", "long_prompt_output_len",
                      "long_prompt_rate", "short_output_len", "request_rate", "timeout", "duration_limit"):
             positive(name)
-        for name in ("num_long_prompts", "short_request_rate", "long_prompt_delay", "max_decode_restarts", "min_decode_duration",
-                     "warmup_requests"):
+        for name in ("num_long_prompts", "short_request_rate", "long_prompt_delay", "max_decode_restarts",
+                     "min_decode_duration", "warmup_requests"):
             positive(name, allow_zero=True)
         if not 0.0 <= self.random_range_ratio <= 1.0:
             raise ValueError(f"random_range_ratio must be in [0, 1], got {self.random_range_ratio}")

@@ -95,6 +95,11 @@ def slo_attainment(records: Sequence[RequestRecord], duration: float, slo: Slo,
     return out
 
 
+def attainment_at(summary: dict[str, Any], scale: float) -> dict[str, Any] | None:
+    """The summary's SLO attainment point at `scale` (run with it in slo_scales), or None."""
+    return next((p for p in summary.get("slo_attainment") or [] if p["scale"] == scale), None)
+
+
 def summarize(records: Sequence[RequestRecord], duration: float, slo: Slo | None = None,
               slo_scales: Sequence[float] = ()) -> dict[str, Any]:
     slo = slo or Slo()

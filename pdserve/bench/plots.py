@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pdserve.bench.metrics import attainment_at  # noqa: E402
 from pdserve.bench.runner import BenchResult  # noqa: E402
 
 FILES = ("ttft.png", "itl.png", "itl_timeline.png")
@@ -141,7 +142,12 @@ def write_rate_plot(sweeps: Mapping[str, Mapping[float, BenchResult]], path: str
     fig, (ax_att, ax_good) = plt.subplots(1, 2, figsize=(11, 4))
     for label, by_rate in sweeps.items():
         rates = sorted(by_rate)
-        points = [_at_scale(by_rate[rate], scale) for rate in rates]
+        points = []
+        for rate in rates:
+            point = attainment_at(by_rate[rate].summary, scale)
+            if point is None:
+                raise ValueError(f"{label}: no SLO attainment at scale {scale:g} (run with it in --slo-scale)")
+            points.append(point)
         ax_att.plot(rates, [100 * p["attainment"] for p in points], marker="o", label=label)
         ax_good.plot(rates, [p["goodput"] for p in points], marker="o", label=label)
     for ax, ylabel in ((ax_att, f"SLO attainment (%), SLO x{scale:g}"), (ax_good, f"goodput (req/s), SLO x{scale:g}")):
@@ -154,14 +160,3 @@ def write_rate_plot(sweeps: Mapping[str, Mapping[float, BenchResult]], path: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _at_scale(r: BenchResult, scale: float) -> dict:
-    """The result's attainment point at SLO scale `scale` (the run's plain SLOs when it swept none)."""
-    for p in r.summary.get("slo_attainment") or []:
-        if p["scale"] == scale:
-            return p
-    if scale == 1.0:
-        n = r.summary["completed"] + r.summary["failed"]
-        return {"scale": 1.0, "attainment": r.summary["good_requests"] / max(n, 1), "goodput": r.summary["goodput"]}
-    raise ValueError(f"{r.label}: no SLO attainment at scale {scale:g} (run with it in --slo-scale)")

@@ -55,11 +55,11 @@ from pdserve.model.loader import ResolvedModel
 logger = logging.getLogger(__name__)
 
 PEER_IDLE_TTL_S = 600.0  # a decode peer silent this long, with nothing in flight, is released
+INJECTED_TRANSFER_FAILURE = "KV transfer failed: injected fault (PDSERVE_FAULT_TRANSFER_FAIL_P)"
 # A prompt's last write starts after the step that computed it; the decode hears it landed at the next poll. With
 # more work queued the next poll would come after the next step (~0.4 s for a 128-token chunk on one CPU core:
 # a short prompt's TTFT doubled), so the loop polls a little longer first: until the writes started after this
 # step landed, at most this share of the step's time and at most TAIL_WAIT_MAX_S.
-INJECTED_TRANSFER_FAILURE = "KV transfer failed: injected fault (PDSERVE_FAULT_TRANSFER_FAIL_P)"
 TAIL_WAIT_STEP_SHARE = 0.1
 TAIL_WAIT_MAX_S = 0.05
 
@@ -183,7 +183,8 @@ class PrefillEngine:
     def _await_fresh_writes(self, step_start: float) -> list[RequestOutput]:
         """Poll until the last writes started after the step that began at step_start landed (see
         TAIL_WAIT_STEP_SHARE), when another step would otherwise run first."""
-        deadline = now() + min(TAIL_WAIT_MAX_S, TAIL_WAIT_STEP_SHARE * (now() - step_start))
+        t = now()
+        deadline = t + min(TAIL_WAIT_MAX_S, TAIL_WAIT_STEP_SHARE * (t - step_start))
         outs: list[RequestOutput] = []
         while self.engine.has_work and now() < deadline and any(
                 r.disagg.extra.get("transfer_start", 0.0) >= step_start for r in self.transferring.values()):

@@ -73,7 +73,7 @@ class ModelRunner:
     def run(self, batch: ForwardBatch, scoring: list[SeqScoring],
             overrides: list[tuple[int, object]] | None = None) -> list[SampledToken | None]:
         """Rank 0: the forward (every TP rank runs it too), then sampling and prompt scoring. A layer slice
-        that is not a step's last (batch.layer_end) returns [] (nothing to sample yet)."""
+        that is not a step's last (batch.layer_end) returns []."""
         if self.tp_link is None:
             logits = self.forward(batch, overrides)
         else:
@@ -82,7 +82,7 @@ class ModelRunner:
                 logits = self.forward(batch, overrides)
             except Exception as e:  # the other ranks may wait in a collective this rank never reaches: fatal
                 raise TensorRanksFailed(f"forward failed on rank 0: {type(e).__name__}: {e}") from e
-        if batch.layer_end and batch.layer_end < self.model.arch.num_layers:
+        if logits is None:  # a layer slice that is not its step's last: nothing to sample yet
             return []
         return self._sample(scoring, logits)
 

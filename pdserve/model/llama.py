@@ -186,11 +186,11 @@ class LlamaForCausalLM:
             x, self._sliced_hidden = self._sliced_hidden, None
         ops = self.ops
         ops.start_rows(meta.decode_start)  # prompt-token rows first, then one row per decoding sequence
-        whole = layers is None or (start, end) == (0, len(self.layers))
+        whole = (start, end) == (0, len(self.layers))
         fused = ops.decode_layers(x, self.layers, kv, positions, meta, a, self.scale) if whole and not self.tp else None
         x = x if fused is None else fused
         rope = ops.rope_inputs(positions)
-        for li, L in ([] if fused is not None else list(enumerate(self.layers))[start:end]):
+        for li, L in ([] if fused is not None else zip(range(start, end), self.layers[start:end])):
             h = ops.rmsnorm(x, L["in_norm"], a.rms_norm_eps)
             qkv = ops.linear(h, L["qkv"], L["qkv_bias"])  # [T, (nH+2nKV)*D]
             q = ops.rope_store(qkv, rope, a.num_heads, a.num_kv_heads, a.head_dim, meta.out_slots, kv.k[li],
