@@ -354,6 +354,33 @@ def test_dead_worker_in_rotation_costs_a_retry_not_an_error(pd):
     assert httpx.get(pd.decodes[0].base_url + "/get_load", timeout=10).json()[0]["num_reqs"] == 0
 
 
+def test_decode_only_fallback_when_no_prefill_is_healthy(pd, server):
+    """No healthy prefill: the decode prefills the request itself (same greedy output as a unified server),
+    counted in the router's metrics and the decode's load; off with --disable-decode-fallback."""
+    d = pd.decodes[0]
+    dead = f"http://127.0.0.1:{free_port()}"
+    local_before = httpx.get(d.base_url + "/get_load", timeout=10).json()[0]["num_local_prefill_reqs"]
+    with router(["--pd-disaggregation", "--prefill", dead, "--decode", d.base_url]) as r:
+        assert httpx.get(r.base_url + "/readiness", timeout=10).status_code == 200  # a decode alone can serve
+        for p in PROMPTS:
+            ref = httpx.post(server.base_url + "/generate", json=greedy(p), timeout=120).json()["output_ids"]
+            resp = post(r, "/generate", greedy(p))
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["output_ids"] == ref, p
+        status, lines = sse_lines(r, "/v1/chat/completions", {"model": "m", "max_tokens": 4, "stream": True,
+                                                              "messages": [{"role": "user", "content": "Hi"}]})
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        assert scalar(r, "pdserve_router_decode_fallbacks_total") == len(PROMPTS) + 1
+        assert scalar(r, "pdserve_router_decode_fallbacks_total", route="chat") == 1
+    load = httpx.get(d.base_url + "/get_load", timeout=10).json()[0]
+    assert load["num_local_prefill_reqs"] == local_before + len(PROMPTS) + 1 and load["num_reqs"] == 0
+    with router(["--pd-disaggregation", "--prefill", dead, "--decode", d.base_url, "--disable-decode-fallback"],
+                ready=False) as r:
+        assert httpx.get(r.base_url + "/readiness", timeout=10).status_code == 503
+        resp = post(r, "/generate", greedy("hi", 2))
+        assert resp.status_code == 503 and "prefill" in resp.json()["error"]["message"]
+
+
 def test_api_key(pd):
     with router(pd.args(), api_key=KEY) as r:
         assert httpx.get(r.base_url + "/health", timeout=5).status_code == 200

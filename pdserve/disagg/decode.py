@@ -96,6 +96,7 @@ class DecodeEngine:
         self.rooms: dict[int, Request] = {}  # every live PD request not yet running
         self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
         self.num_staged = 0  # destinations handed out with lent slots (prefill TP > decode TP)
+        self.num_local_prefills = 0  # requests without bootstrap fields, prefilled here (decode-only fallback)
         self._faults = random.Random(ENVS.fault_seed) if ENVS.fault_kv_corrupt_p > 0 else None  # tests only
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
@@ -116,8 +117,12 @@ class DecodeEngine:
 
     def add_request(self, g: GenerateRequest) -> None:
         b = g.bootstrap
-        if b is None or b.host is None:
-            raise ValueError("a decode server needs bootstrap_host and bootstrap_room on every request")
+        if b is None:  # decode-only fallback: no prefill server is involved, this engine prefills the prompt
+            self.engine.add_request(g)
+            self.num_local_prefills += 1
+            return
+        if b.host is None:
+            raise ValueError("a decode server needs bootstrap_host with bootstrap_room")
         if b.room in self.rooms:
             raise ValueError(f"bootstrap_room {b.room} is already in use by another request")
         self.engine.add_request(g)
@@ -157,7 +162,7 @@ class DecodeEngine:
                      num_decode_transfer_queue_reqs=len(self.transferring))
         extra = {**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
                  "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values()),
-                 "kv_transfers_staged": self.num_staged}
+                 "kv_transfers_staged": self.num_staged, "num_local_prefill_reqs": self.num_local_prefills}
         return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
                        num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra,
                        stats=replace(r.stats, pd=pd) if r.stats is not None else None)

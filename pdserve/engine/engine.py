@@ -64,10 +64,14 @@ def eos_token_ids_of(hf_dir: str, tokenizer) -> tuple[int, ...]:
 def validate_request(req: GenerateRequest, context_len: int, max_total_tokens: int,
                      disaggregation_mode: str = "null") -> GenerateRequest:
     """Reject what can never run; clip max_new_tokens to the context. Raises ValueError."""
-    if disaggregation_mode in ("prefill", "decode") and (req.bootstrap is None or (
-            disaggregation_mode == "decode" and req.bootstrap.host is None)):
-        raise ValueError(f"a {disaggregation_mode} server needs bootstrap_host, bootstrap_port and bootstrap_room "
-                         "on every request (send requests through a PD router)")
+    if disaggregation_mode == "prefill" and req.bootstrap is None:
+        raise ValueError("a prefill server needs bootstrap_host, bootstrap_port and bootstrap_room on every request "
+                         "(send requests through a PD router)")
+    if disaggregation_mode == "decode" and req.bootstrap is not None and req.bootstrap.host is None:
+        # Without any bootstrap field a decode server prefills the prompt itself (the router's decode-only
+        # fallback when no prefill is healthy); a room without a host is a half-injected request.
+        raise ValueError("a decode server needs bootstrap_host with bootstrap_room (or no bootstrap fields at all "
+                         "to prefill locally)")
     n = len(req.input_ids)
     if n == 0:
         raise ValueError("the prompt is empty")

@@ -33,6 +33,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                    help=f"prefill server and its bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}, or 'none'); "
                         "repeat for more")
     g.add_argument("--decode", action="append", default=[], metavar="URL", help="decode server; repeat for more")
+    g.add_argument("--disable-decode-fallback", action="store_true",
+                   help="PD: fail requests while no prefill is healthy instead of letting a decode prefill them")
 
     g = parser.add_argument_group("policies")
     g.add_argument("--policy", default=_R.policy, choices=POLICIES, help="for both roles unless overridden")
@@ -98,7 +100,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     workers += [WorkerSpec(u, "regular") for u in args.worker_urls]
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
-        encode_urls=tuple(u.rstrip("/") for u in args.encode),
+        encode_urls=tuple(u.rstrip("/") for u in args.encode), decode_fallback=not args.disable_decode_fallback,
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,
         cache_aware=CacheAwareConfig(
             cache_threshold=args.cache_threshold, balance_abs_threshold=args.balance_abs_threshold,

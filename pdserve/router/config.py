@@ -139,6 +139,7 @@ class RouterConfig:
     api_key: str | None = None
     log_level: str = "info"
     encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
+    decode_fallback: bool = True  # PD: with no healthy prefill, a decode prefills the request itself
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")

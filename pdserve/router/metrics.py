@@ -41,6 +41,7 @@ class RouteCounters:
     requests: object
     retries: object
     duration: object
+    decode_fallbacks: object
 
 
 class _WorkerCollector:
@@ -74,6 +75,8 @@ class RouterMetrics:
                                ["route", "reason"], registry=r)
         self._retries = Counter("pdserve_router_retries", "Retries on another worker (pair), by route", ["route"],
                                 registry=r)
+        self._fallbacks = Counter("pdserve_router_decode_fallbacks", "PD requests sent to a decode alone (it "
+                                  "prefills them) because no prefill was healthy, by route", ["route"], registry=r)
         self._duration = Histogram("pdserve_router_request_duration_seconds", "Router request latency, by route",
                                    ["route"], buckets=_BUCKETS, registry=r)
         self._w_requests = Counter("pdserve_router_worker_requests", "Requests sent to each worker",
@@ -93,7 +96,7 @@ class RouterMetrics:
         rc = self._routes.get(name)
         if rc is None:
             rc = self._routes[name] = RouteCounters(self._requests.labels(name), self._retries.labels(name),
-                                                    self._duration.labels(name))
+                                                    self._duration.labels(name), self._fallbacks.labels(name))
         return rc
 
     def error(self, route: str, reason: str) -> None:

@@ -164,6 +164,8 @@ class Proxy:
         while True:
             try:
                 prefill, worker = self._pick(text, excluded)
+                if self.pd and prefill is None:
+                    self.metrics.route(ep.kind).decode_fallbacks.inc()
                 if self.config.encode_urls and body is not None:
                     raw, body = await self._encode(ep, raw, body)
                 return await self._attempt(request, ep, raw, body, prefill, worker)
@@ -206,12 +208,17 @@ class Proxy:
             if not ws:
                 raise Failure.message(503, "no healthy worker available", "no_workers", False)
             return None, self.decode_policy.select(ws, text)
-        ps = self.registry.candidates("prefill", excluded)
         ds = self.registry.candidates("decode", excluded)
-        if not ps or not ds:
-            raise Failure.message(503, f"no healthy {'prefill' if not ps else 'decode'} worker available",
-                                  "no_workers", False)
-        return self.prefill_policy.select(ps, text), self.decode_policy.select(ds, text)
+        if not ds:
+            raise Failure.message(503, "no healthy decode worker available", "no_workers", False)
+        ps = self.registry.candidates("prefill")
+        fresh = [w for w in ps if w not in excluded]
+        if not fresh and self.config.decode_fallback:
+            # Decode-only fallback: no healthy prefill (or each failed this request); the decode prefills locally.
+            return None, self.decode_policy.select(ds, text)
+        if not ps:
+            raise Failure.message(503, "no healthy prefill worker available", "no_workers", False)
+        return self.prefill_policy.select(fresh or ps, text), self.decode_policy.select(ds, text)
 
     # ---- one attempt -----------------------------------------------------------------------------------
     async def _attempt(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,

@@ -178,8 +178,9 @@ class WorkerRegistry:
         return ok
 
     def ready(self) -> bool:
-        if self.config.pd_disaggregation:
-            return any(w.healthy for w in self._by_role["prefill"]) and any(w.healthy for w in self._by_role["decode"])
+        if self.config.pd_disaggregation:  # a decode alone serves when it may prefill (decode-only fallback)
+            prefill_ok = self.config.decode_fallback or any(w.healthy for w in self._by_role["prefill"])
+            return prefill_ok and any(w.healthy for w in self._by_role["decode"])
         return any(w.healthy for w in self._by_role["regular"])
 
     def record(self, w: Worker, ok: bool, error: str | None = None) -> None:
