@@ -165,8 +165,13 @@ class ServerConfig:
     enable_dp_attention: bool = False
     # SMG's gRPC worker protocol (sglang.grpc.scheduler.SglangScheduler) on this port of `host`, next to HTTP.
     grpc_port: int | None = None
+    # A graceful drain (SIGTERM or POST /drain) refuses new requests (503) and waits this long for the ones in
+    # flight before the server stops; a second SIGTERM stops at once.
+    drain_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.grpc_port is not None and not (0 < self.grpc_port < 65536 and self.grpc_port != self.port):

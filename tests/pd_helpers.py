@@ -34,10 +34,10 @@ def start_prefill(backend: str, extra: list[str] = (), env: dict | None = None, 
     return Prefill(start_server(args, env=env, port=port), bp, args, env)
 
 
-def start_decode(backend: str, extra: list[str] = (), env: dict | None = None) -> ServerProcess:
+def start_decode(backend: str, extra: list[str] = (), env: dict | None = None, port: int | None = None) -> ServerProcess:
     args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
             "--max-total-tokens", "8192", *extra]
-    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})})
+    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})}, port=port)
 
 
 def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:

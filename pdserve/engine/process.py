@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from multiprocessing.connection import Connection
 
@@ -30,6 +31,10 @@ logger = logging.getLogger(__name__)
 
 def run_engine_process(config: EngineConfig, resolved: ResolvedModel, conn: Connection, log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format=f"[engine {os.getpid()}] %(levelname)s %(name)s: %(message)s")
+    # SIGTERM/SIGINT to the server's process group start the front's graceful drain: the engine keeps serving what
+    # is in flight and exits on the front's ShutdownRequest, or when the front is gone (its pipe closes).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if config.engine_cpus:  # before torch starts its thread pool
             _pin(config.engine_cpus)

@@ -138,6 +138,8 @@ def create_app(state: RouterState) -> web.Application:
 
     async def readiness(_: web.Request) -> web.Response:
         counts = {role: sum(w.healthy for w in registry.of_role(role)) for role in ("prefill", "decode", "regular")}
+        if proxy.draining:
+            return json_response({**error_body("draining", 503), "healthy_workers": counts}, 503)
         if registry.ready():
             return json_response({"status": "ready", "healthy_workers": counts})
         what = "a healthy prefill and a healthy decode worker" if cfg.pd_disaggregation else "a healthy worker"
@@ -222,6 +224,13 @@ def create_app(state: RouterState) -> web.Application:
     r.add_post("/flush_cache", flush_cache)
     r.add_get("/flush_cache", flush_cache)
     r.add_post("/abort_request", abort_request)
+
+    async def drain(_: web.Request) -> web.Response:
+        """Graceful drain, as SIGTERM: readiness 503, new requests 503, the open ones finish, then the router exits."""
+        state.begin_drain("POST /drain")
+        return json_response({"success": True, "draining": True, "num_inflight": proxy.num_inflight})
+
+    r.add_post("/drain", drain)
 
     async def list_workers(_: web.Request) -> web.Response:
         return json_response({"workers": [w.to_json() for w in registry.all()]})

@@ -136,12 +136,18 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None  # EPD encode calls
         self.client: UpstreamClient | None = None  # generation, info and control calls
         self._background: set[asyncio.Task] = set()
+        self.num_inflight = 0  # client requests being answered (a drain waits for 0)
+        self.draining = False  # set by a drain: new requests are refused with 503
 
     # ---- entry point -----------------------------------------------------------------------------------
     async def forward(self, request: web.Request, ep: Endpoint) -> web.StreamResponse:
         rc = self.metrics.route(ep.kind)
         rc.requests.inc()
+        if self.draining:
+            self.metrics.error(ep.kind, "draining")
+            return Failure.message(503, "this router is draining (shutting down)", "draining", False).response()
         t0 = time.perf_counter()
+        self.num_inflight += 1
         try:
             raw = await request.read()
             body = None
@@ -154,6 +160,7 @@ class Proxy:
             text = payload.routing_text(ep.kind, body) if self.needs_text else None
             return await self._with_retries(request, ep, raw, body, text)
         finally:
+            self.num_inflight -= 1
             rc.duration.observe(time.perf_counter() - t0)
 
     async def _with_retries(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,

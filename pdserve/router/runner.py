@@ -30,9 +30,16 @@ def run_router(config: RouterConfig) -> int:
 async def serve(config: RouterConfig) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     state = RouterState(config)
+
+    def on_signal() -> None:  # the first one drains, a second one stops at once
+        if state.proxy.draining:
+            stop.set()
+        else:
+            state.begin_drain("signal")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     runner = web.AppRunner(create_app(state), access_log=None, handler_cancellation=True)
     try:
         await state.start()
@@ -41,7 +48,9 @@ async def serve(config: RouterConfig) -> int:
         await site.start()
         logger.info("router serving on http://%s:%d (%s mode)", config.host, config.port,
                     "PD" if config.pd_disaggregation else "regular")
-        await stop.wait()
+        await state.drain_requested.wait()
+        if not await state.wait_drained(config.request_timeout_s, stop):
+            logger.warning("stopping with %d requests in flight", state.proxy.num_inflight)
         logger.info("shutting down")
     except OSError as e:
         logger.error("cannot serve on %s:%d: %s", config.host, config.port, e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import aiohttp
 
@@ -41,6 +42,20 @@ class RouterState:
         self.session: aiohttp.ClientSession | None = None  # health, load polls, EPD encode calls
         self.client: UpstreamClient | None = None  # generation, info and control calls (the hot path)
         self._tasks: list[asyncio.Task] = []
+        self.drain_requested = asyncio.Event()
+
+    def begin_drain(self, reason: str) -> None:
+        if not self.proxy.draining:
+            self.proxy.draining = True
+            logger.info("draining (%s): %d requests in flight", reason, self.proxy.num_inflight)
+            self.drain_requested.set()
+
+    async def wait_drained(self, timeout_s: float, stop: asyncio.Event) -> bool:
+        """Until no client request is in flight (True), or the timeout passes or `stop` is set (False)."""
+        deadline = time.monotonic() + timeout_s
+        while self.proxy.num_inflight and time.monotonic() < deadline and not stop.is_set():
+            await asyncio.sleep(0.05)
+        return not self.proxy.num_inflight
 
     def _drop_connections(self, w: Worker) -> None:
         if self.client is not None:

@@ -68,6 +68,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> Response:
         if not state.client.is_alive():  # with --dp-size: any replica
             return error_response("the engine process is not running", 503)
+        if state.drain.started:
+            return error_response("draining: this server takes no new requests", 503)
         return Response(status_code=200)
 
     @app.get("/health_generate")
@@ -135,6 +137,12 @@ def create_app(state: ServerState) -> FastAPI:
                                         PROFILE_TIMEOUT_S)
         return Response(result.message + "\n", media_type="text/plain") if result.ok else error_response(
             result.message, 400)
+
+    @app.post("/drain")
+    async def drain() -> Response:
+        """Graceful drain, as SIGTERM: 503 to new requests, the open ones finish, then the server exits."""
+        state.drain.begin("POST /drain")
+        return json_response({"success": True, "draining": True, "num_inflight": len(state.gen.active)})
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:

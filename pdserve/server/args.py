@@ -34,6 +34,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grpc-port", type=int, default=_SERVER.grpc_port,
                    help="also serve SMG's gRPC worker protocol (SglangScheduler) on this port of --host, for "
                         "`smg launch ... grpc://HOST:PORT` (the gateway tokenises)")
+    g.add_argument("--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
+                   help="seconds a drain (SIGTERM or POST /drain) waits for in-flight requests before it stops")
 
     g = parser.add_argument_group("engine")
     g.add_argument("--max-running-requests", type=int, default=_ENGINE.max_running_requests)
@@ -147,7 +149,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         page_size=args.page_size,
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
-                        enable_dp_attention=args.enable_dp_attention, grpc_port=args.grpc_port)
+                        enable_dp_attention=args.enable_dp_attention, grpc_port=args.grpc_port,
+                        drain_timeout_s=args.drain_timeout)
 
 
 def epd_mode(args: argparse.Namespace) -> tuple[str, bool]:

@@ -18,7 +18,7 @@ from pdserve.disagg.messages import BootstrapInfo
 from pdserve.engine.messages import GenerateRequest, RequestOutput, TokenLogprob
 from pdserve.sampling_params import SamplingParams
 from pdserve.server.detokenizer import DetokenizeStream
-from pdserve.server.errors import BadRequestError
+from pdserve.server.errors import APIError, BadRequestError
 from pdserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class GenerationService:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.dp_size = dp_size  # engine replicas behind the client
         self.active: set[str] = set()  # rids with an open stream in this front
+        self.draining = False  # set by a drain: new requests are refused, open ones finish
 
     @staticmethod
     def new_rid() -> str:
@@ -152,6 +153,8 @@ class GenerationService:
     async def open(self, inputs: Sequence[GenInput]) -> list[AsyncIterator[GenChunk]]:
         """Start requests and wait for each one's first output, so that a request the engine rejects fails
         here (400) rather than in the middle of a stream. All or nothing."""
+        if self.draining:
+            raise APIError("this server is draining (shutting down): send the request to another server", status=503)
         inputs = [self.validate(inp) for inp in inputs]
         rids = [inp.rid for inp in inputs]
         if len(set(rids)) != len(rids):

@@ -51,8 +51,18 @@ async def serve(config: ServerConfig) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    state = None
+
+    def on_signal() -> None:  # the first one drains once serving; a second one (or one while starting) stops
+        if state is not None and not state.drain.started:
+            state.drain.begin("signal")
+        else:
+            stop.set()
+            if state is not None:
+                state.drain.requested.set()  # wakes the watch loop
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     # The HTTP port is ours before the engine starts: the engine's own sockets (ZMQ control, bootstrap,
     # transfer agents) bind random ports and could otherwise take it while the model loads.
@@ -102,13 +112,20 @@ async def serve(config: ServerConfig) -> int:
 
         async def watch() -> None:
             nonlocal exit_code
+            drain = state.drain
             while not stop.is_set():
                 if not client.is_alive():
                     logger.error("the engine process died; shutting down")
                     exit_code = 1
                     break
+                if drain.requested.is_set() and not stop.is_set():
+                    if await drain.wait_drained(lambda: client.is_alive() and not stop.is_set()):
+                        logger.info("drained: no request in flight; stopping")
+                    else:
+                        logger.warning("stopping with %d requests still in flight", len(state.gen.active))
+                    break
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), _ENGINE_POLL_S)
+                    await asyncio.wait_for(drain.requested.wait(), _ENGINE_POLL_S)
             server.should_exit = True
 
         watcher = asyncio.ensure_future(watch())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +25,38 @@ if TYPE_CHECKING:
     from pdserve.engine.client import EngineClient
     from pdserve.engine.dp_client import DataParallelClient
 
+logger = logging.getLogger(__name__)
 HEALTH_GENERATE_TIMEOUT_S = 60.0
+DRAIN_POLL_S = 0.05
+
+
+class Drain:
+    """A graceful drain (SIGTERM or POST /drain): from `begin` on, new requests are refused with 503 and /health
+    answers 503 (routers take the server out of rotation); the requests in flight finish (a prefill's answer ends
+    only once its KV reached the decode, so its KV is kept until then); then the server stops."""
+
+    def __init__(self, gen: GenerationService, timeout_s: float) -> None:
+        self.gen, self.timeout_s = gen, timeout_s
+        self.requested = asyncio.Event()  # the server's watch loop waits on it
+        self.reason = ""
+
+    @property
+    def started(self) -> bool:
+        return self.gen.draining
+
+    def begin(self, reason: str) -> None:
+        if self.gen.draining:
+            return
+        self.gen.draining, self.reason = True, reason
+        logger.info("draining (%s): %d requests in flight; new requests get 503", reason, len(self.gen.active))
+        self.requested.set()
+
+    async def wait_drained(self, alive) -> bool:
+        """Until no request is in flight (True), the timeout passes or `alive()` turns False (False)."""
+        deadline = time.monotonic() + self.timeout_s
+        while self.gen.active and time.monotonic() < deadline and alive():
+            await asyncio.sleep(DRAIN_POLL_S)
+        return not self.gen.active
 
 
 @dataclass
@@ -37,6 +70,7 @@ class ServerState:
     gen: GenerationService
     native: NativeServing
     openai: OpenAIServing
+    drain: Drain
     weight_bytes: int = 0  # the checkpoint's weight files on disk (/v1/loads memory.weight_gb)
 
 
@@ -54,6 +88,7 @@ def build_state(config: ServerConfig, client: "EngineClient | DataParallelClient
         encoder=encoder, gen=gen, native=NativeServing(gen, encoder, mm),
         openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None,
                              mm=mm, aliases=(model_path, config.engine.model.model_path or model_path)),
+        drain=Drain(gen, config.drain_timeout_s),
         weight_bytes=checkpoint_bytes(client.resolved.hf_dir),
     )
 
@@ -94,6 +129,7 @@ def server_info(state: ServerState) -> dict[str, object]:
         "is_generation": True,
         "cpu_kernels": ready.cpu_kernels.to_json() if ready.cpu_kernels is not None else {"isa": "none"},
         "version": __version__,
+        "draining": state.drain.started,
         "internal_states": internal_states(state),
     }
 
@@ -131,6 +167,8 @@ async def health_generate(state: ServerState) -> str | None:
     """Run one real token through the engine (each replica with --dp-size); None when healthy, else why not."""
     if not state.client.is_alive():
         return "the engine process is not running"
+    if state.drain.started:
+        return "draining"
     if state.config.engine.disaggregation_mode in ("prefill", "decode"):
         # A PD half cannot finish a request alone: check that the engine loop answers instead.
         try:
