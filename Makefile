@@ -42,6 +42,9 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	@if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
 		|| echo "warning: could not apt-get install prometheus (docs/monitoring and tests/test_monitoring.py use it)"; fi
+	@if ! command -v etcd >/dev/null && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends etcd-server >/dev/null) \
+		|| echo "warning: could not apt-get install etcd-server (--discovery etcd:// and tests/test_discovery.py use it)"; fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt

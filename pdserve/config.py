@@ -168,10 +168,21 @@ class ServerConfig:
     # A graceful drain (SIGTERM or POST /drain) refuses new requests (503) and waits this long for the ones in
     # flight before the server stops; a second SIGTERM stops at once.
     drain_timeout_s: float = 600.0
+    # Membership: register this server in etcd (etcd://HOST:PORT[/PREFIX]) on a lease of discovery_ttl_s seconds.
+    discovery: str | None = None
+    discovery_ttl_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain timeout must be >= 0 seconds, got {self.drain_timeout_s}")
+        if self.discovery is not None:
+            from pdserve.discovery import DiscoveryConfig
+
+            DiscoveryConfig.parse(self.discovery)
+            if self.engine.disaggregation_mode == "encode":
+                raise ValueError("--discovery registers prefill, decode and unified servers, not encode servers")
+            if not 1 <= self.discovery_ttl_s <= 3600:
+                raise ValueError(f"discovery ttl must be in 1..3600 seconds, got {self.discovery_ttl_s}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         if self.grpc_port is not None and not (0 < self.grpc_port < 65536 and self.grpc_port != self.port):

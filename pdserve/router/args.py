@@ -33,6 +33,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                    help=f"prefill server and its bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}, or 'none'); "
                         "repeat for more")
     g.add_argument("--decode", action="append", default=[], metavar="URL", help="decode server; repeat for more")
+    g.add_argument("--discovery", default=None, metavar="etcd://HOST:PORT[/PREFIX]",
+                   help="take workers from etcd, where servers started with the same --discovery register; they "
+                        "join and leave at run time (beside any listed here)")
     g.add_argument("--disable-decode-fallback", action="store_true",
                    help="PD: fail requests while no prefill is healthy instead of letting a decode prefill them")
 
@@ -101,6 +104,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
         encode_urls=tuple(u.rstrip("/") for u in args.encode), decode_fallback=not args.disable_decode_fallback,
+        discovery=args.discovery,
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,
         cache_aware=CacheAwareConfig(
             cache_threshold=args.cache_threshold, balance_abs_threshold=args.balance_abs_threshold,

@@ -140,6 +140,7 @@ class RouterConfig:
     log_level: str = "info"
     encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
     decode_fallback: bool = True  # PD: with no healthy prefill, a decode prefills the request itself
+    discovery: str | None = None  # etcd://HOST:PORT[/PREFIX]: workers come and go as they register there
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
@@ -157,6 +158,10 @@ class RouterConfig:
         _check(self.request_timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _check(self.max_payload_size >= 1024, f"max payload size must be >= 1024, got {self.max_payload_size}")
         _check(self.api_key is None or bool(self.api_key), "api key must not be empty")
+        if self.discovery is not None:
+            from pdserve.discovery import DiscoveryConfig
+
+            DiscoveryConfig.parse(self.discovery)
         _check(self.log_level in LOG_LEVELS, f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
 
     @property

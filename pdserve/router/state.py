@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from pdserve.router.config import RouterConfig
+from pdserve.router.config import RouterConfig, WorkerSpec
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import make_policy
 from pdserve.router.proxy import Proxy
@@ -43,6 +43,7 @@ class RouterState:
         self.client: UpstreamClient | None = None  # generation, info and control calls (the hot path)
         self._tasks: list[asyncio.Task] = []
         self.drain_requested = asyncio.Event()
+        self.discovered: set[str] = set()  # worker URLs that came from --discovery (they also leave through it)
 
     def begin_drain(self, reason: str) -> None:
         if not self.proxy.draining:
@@ -80,10 +81,40 @@ class RouterState:
             loops.append(self.registry.run_load_loop(self.config.load_poll_interval_s))
         if any(p.needs_text for p in self.policies):
             loops.append(self._evict_loop())
+        if self.config.discovery is not None:
+            from pdserve.discovery import DiscoveryConfig, Membership
+
+            loops.append(Membership(DiscoveryConfig.parse(self.config.discovery), self._discovered,
+                                    self._undiscovered).run())
         self._tasks = [asyncio.ensure_future(c) for c in loops]
         n_ok = sum(w.healthy for w in self.registry.all())
         logger.info("%d of %d workers healthy; %s", n_ok, len(self.registry.all()),
                     "ready" if self.registry.ready() else "not ready yet (no healthy pair)")
+
+    async def _discovered(self, record) -> None:
+        """A worker registered in etcd: added (and probed) unless it does not fit this router's mode."""
+        allowed = ("prefill", "decode") if self.config.pd_disaggregation else ("regular",)
+        if record.role not in allowed:
+            logger.info("discovery: ignoring %s (%s): this router takes %s workers", record.url, record.role,
+                        " and ".join(allowed))
+            return
+        spec = WorkerSpec(record.url, record.role, record.bootstrap_port if record.role == "prefill" else None)
+        existing = self.registry.get(spec.url)
+        if existing is not None:
+            if existing.spec == spec or spec.url not in self.discovered:
+                return  # known already (or listed on the command line, which wins)
+            self.registry.remove(spec.url)
+        w = self.registry.add(spec)
+        self.discovered.add(spec.url)
+        logger.info("discovery: %s (%s) joined", spec.url, spec.role)
+        if self.config.health.enabled:
+            await self.registry.probe(w)
+
+    def _undiscovered(self, url: str) -> None:
+        if url in self.discovered:
+            self.discovered.discard(url)
+            self.registry.remove(url)
+            logger.info("discovery: %s left", url)
 
     async def _evict_loop(self) -> None:
         while True:

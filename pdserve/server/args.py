@@ -36,6 +36,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         "`smg launch ... grpc://HOST:PORT` (the gateway tokenises)")
     g.add_argument("--drain-timeout", type=float, default=_SERVER.drain_timeout_s,
                    help="seconds a drain (SIGTERM or POST /drain) waits for in-flight requests before it stops")
+    g.add_argument("--discovery", default=None, metavar="etcd://HOST:PORT[/PREFIX]",
+                   help="register this server in etcd (a key on a lease) so that routers started with the same "
+                        "--discovery find it")
+    g.add_argument("--discovery-ttl", type=float, default=_SERVER.discovery_ttl_s,
+                   help="seconds the etcd lease lives without a keepalive (a killed server leaves within it)")
 
     g = parser.add_argument_group("engine")
     g.add_argument("--max-running-requests", type=int, default=_ENGINE.max_running_requests)
@@ -150,7 +155,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     return ServerConfig(engine=engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
                         enable_dp_attention=args.enable_dp_attention, grpc_port=args.grpc_port,
-                        drain_timeout_s=args.drain_timeout)
+                        drain_timeout_s=args.drain_timeout, discovery=args.discovery,
+                        discovery_ttl_s=args.discovery_ttl)
 
 
 def epd_mode(args: argparse.Namespace) -> tuple[str, bool]:

@@ -113,12 +113,18 @@ async def serve(config: ServerConfig) -> int:
         async def watch() -> None:
             nonlocal exit_code
             drain = state.drain
+            while registration is not None and not server.started and not stop.is_set():
+                await asyncio.sleep(0.05)  # registered once it answers
+            if registration is not None and not stop.is_set():
+                registration.start()
             while not stop.is_set():
                 if not client.is_alive():
                     logger.error("the engine process died; shutting down")
                     exit_code = 1
                     break
                 if drain.requested.is_set() and not stop.is_set():
+                    if registration is not None:
+                        await registration.withdraw()  # routers stop sending before the requests in flight end
                     if await drain.wait_drained(lambda: client.is_alive() and not stop.is_set()):
                         logger.info("drained: no request in flight; stopping")
                     else:
@@ -128,10 +134,13 @@ async def serve(config: ServerConfig) -> int:
                     await asyncio.wait_for(drain.requested.wait(), _ENGINE_POLL_S)
             server.should_exit = True
 
+        registration = _registration(config, state.served_model_name)
         watcher = asyncio.ensure_future(watch())
         logger.info("serving on http://%s:%d", config.host, config.port)
         await server.serve(sockets=[sock])
         watcher.cancel()
+        if registration is not None:
+            await registration.withdraw()
         if not server.started:
             exit_code = 1
     finally:
@@ -140,6 +149,19 @@ async def serve(config: ServerConfig) -> int:
             await grpc_front.stop()
         await client.shutdown()
     return exit_code
+
+
+def _registration(config: ServerConfig, model: str):
+    """The etcd record of this server (--discovery), not yet started; None without --discovery."""
+    if config.discovery is None:
+        return None
+    from pdserve.discovery import DiscoveryConfig, Registration, WorkerRecord, advertised_url
+
+    mode = config.engine.disaggregation_mode
+    role = mode if mode in ("prefill", "decode") else "regular"
+    record = WorkerRecord(advertised_url(config.host, config.port), role,
+                          config.engine.bootstrap_port if role == "prefill" else None, model)
+    return Registration(DiscoveryConfig.parse(config.discovery), record, config.discovery_ttl_s)
 
 
 def _bind(host: str, port: int) -> socket.socket:
