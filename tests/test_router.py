@@ -418,8 +418,9 @@ def test_cli_route_subcommand():
 # ---- failure under load (kills a decode server: keep last) -------------------------------------------------
 def test_kill_decode_during_load(pd):
     victim, survivor = pd.decodes[1], pd.decodes[0]
+    # Without stream migration (tests/test_migration.py has it): a broken stream ends with a clear error.
     args = pd.args("--policy", "round_robin", "--health-check-interval-secs", "0.5", "--health-failure-threshold",
-                   "1", "--retry-initial-backoff-ms", "5")
+                   "1", "--retry-initial-backoff-ms", "5", "--migration-limit", "0")
     long = {"text": "Tell me a long story.", "sampling_params": {"max_new_tokens": 300, "ignore_eos": True}}
     with router(args) as r, cf.ThreadPoolExecutor(8) as ex:
         started = [threading.Event() for _ in range(6)]

@@ -198,3 +198,30 @@ def test_routing_text_and_logprob_merge():
     assert len(orjson.loads(events[0])["meta_info"]["input_token_logprobs"]) == 2 and events[1] == b"[DONE]"
     assert payload.is_sse_error(b'data: {"error": {"code": 503}}')
     assert payload.sse_error_status(b'{"error": {"code": 503}}') == 503
+
+
+def test_stream_tracker_for_migration():
+    assert payload.migratable("generate", {"text": "a", "stream": True})
+    assert not payload.migratable("generate", {"text": ["a", "b"], "stream": True})  # a batch
+    assert not payload.migratable("generate", {"text": "a", "stream": True, "return_logprob": True})
+    assert not payload.migratable("chat", {"messages": [], "stream": True, "n": 2})
+    assert not payload.migratable("completions", {"prompt": "a", "stream": True, "echo": True})
+    assert not payload.migratable("chat", {"messages": [], "stream": False})
+
+    gen = payload.StreamTracker("generate", strip_token_ids=False)
+    first = b'data: {"text": "A", "output_ids": [5], "meta_info": {"finish_reason": null}}\n\n'
+    out = gen.feed(first[:20]) + gen.feed(first[20:])  # events split across reads come out whole
+    assert out == first and gen.ids == [5] and not gen.finished
+    gen.feed(b'data: {"text": "AB", "output_ids": [5, 6], "meta_info": {"finish_reason": {"type": "length"}}}\n\n')
+    assert gen.ids == [5, 6] and gen.finished
+
+    chat = payload.StreamTracker("chat", strip_token_ids=True)
+    out = chat.feed(b'data: {"id": "c1", "choices": [{"delta": {"content": "Hi"}, "token_ids": [7, 8], '
+                    b'"finish_reason": null}]}\n\ndata: {"id": "c1", "choices": [{"delta": {"content": "!"}, ')
+    assert chat.ids == [7, 8] and b"token_ids" not in out and out.endswith(b"\n\n")
+    chat.restart()  # the rest of the half event is gone with the broken stream; a continuation follows
+    out = chat.feed(b'data: {"id": "c2", "choices": [{"delta": {"content": "!"}, "token_ids": [9], '
+                    b'"finish_reason": "stop"}]}\n\ndata: [DONE]\n\n')
+    first_event = orjson.loads(out.split(b"\n\n")[0][6:])
+    assert first_event["id"] == "c1" and "token_ids" not in first_event["choices"][0]
+    assert chat.ids == [7, 8, 9] and chat.finished and out.endswith(b"data: [DONE]\n\n")

@@ -63,6 +63,12 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-budget-min-per-sec", type=float, default=_RT.budget_min_per_s)
     g.add_argument("--disable-retries", action="store_true")
 
+    g.add_argument("--migration-limit", type=int, default=_R.migration_limit,
+                   help="times a stream may continue on another worker (pair) after its own failed mid-stream "
+                        "(the tokens already sent are kept; 0: off)")
+    g.add_argument("--stream-stall-timeout-secs", type=float, default=_R.stream_stall_timeout_s,
+                   help="a stream that sends nothing for this long counts as failed (and migrates); 0: never")
+
     g = parser.add_argument_group("circuit breaker")
     g.add_argument("--cb-failure-threshold", type=int, default=_B.failure_threshold)
     g.add_argument("--cb-success-threshold", type=int, default=_B.success_threshold)
@@ -104,7 +110,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
         encode_urls=tuple(u.rstrip("/") for u in args.encode), decode_fallback=not args.disable_decode_fallback,
-        discovery=args.discovery,
+        discovery=args.discovery, migration_limit=args.migration_limit,
+        stream_stall_timeout_s=args.stream_stall_timeout_secs or None,
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,
         cache_aware=CacheAwareConfig(
             cache_threshold=args.cache_threshold, balance_abs_threshold=args.balance_abs_threshold,

@@ -141,6 +141,10 @@ class RouterConfig:
     encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
     decode_fallback: bool = True  # PD: with no healthy prefill, a decode prefills the request itself
     discovery: str | None = None  # etcd://HOST:PORT[/PREFIX]: workers come and go as they register there
+    # Stream migration: a stream whose worker dies, or sends nothing for stream_stall_timeout_s, continues on
+    # another worker (pair) from the tokens already sent, at most migration_limit times (0: off).
+    migration_limit: int = 3
+    stream_stall_timeout_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         _check(0 < self.port < 65536, f"port must be in 1..65535, got {self.port}")
@@ -158,6 +162,9 @@ class RouterConfig:
         _check(self.request_timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _check(self.max_payload_size >= 1024, f"max payload size must be >= 1024, got {self.max_payload_size}")
         _check(self.api_key is None or bool(self.api_key), "api key must not be empty")
+        _check(self.migration_limit >= 0, f"migration limit must be >= 0, got {self.migration_limit}")
+        _check(self.stream_stall_timeout_s is None or self.stream_stall_timeout_s > 0,
+               f"stream stall timeout must be > 0, got {self.stream_stall_timeout_s}")
         if self.discovery is not None:
             from pdserve.discovery import DiscoveryConfig
 

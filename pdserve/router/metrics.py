@@ -42,6 +42,7 @@ class RouteCounters:
     retries: object
     duration: object
     decode_fallbacks: object
+    migrations: object
 
 
 class _WorkerCollector:
@@ -77,6 +78,8 @@ class RouterMetrics:
                                 registry=r)
         self._fallbacks = Counter("pdserve_router_decode_fallbacks", "PD requests sent to a decode alone (it "
                                   "prefills them) because no prefill was healthy, by route", ["route"], registry=r)
+        self._migrations = Counter("pdserve_router_migrations", "Streams continued on another worker (pair) after "
+                                   "theirs failed or stalled mid-stream, by route", ["route"], registry=r)
         self._duration = Histogram("pdserve_router_request_duration_seconds", "Router request latency, by route",
                                    ["route"], buckets=_BUCKETS, registry=r)
         self._w_requests = Counter("pdserve_router_worker_requests", "Requests sent to each worker",
@@ -96,7 +99,8 @@ class RouterMetrics:
         rc = self._routes.get(name)
         if rc is None:
             rc = self._routes[name] = RouteCounters(self._requests.labels(name), self._retries.labels(name),
-                                                    self._duration.labels(name), self._fallbacks.labels(name))
+                                                    self._duration.labels(name), self._fallbacks.labels(name),
+                                                    self._migrations.labels(name))
         return rc
 
     def error(self, route: str, reason: str) -> None:

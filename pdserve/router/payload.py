@@ -177,3 +177,68 @@ class StreamLogprobMerger:
             return e
         meta["input_token_logprobs"] = lps + (meta.get("input_token_logprobs") or [])
         return b"data: " + orjson.dumps(ev)
+
+
+def migratable(kind: str, body: dict | None) -> bool:
+    """A stream the router can continue on another pair if its decode dies: one sequence, streamed, no logprobs
+    (they are not re-sent), no images, no echo."""
+    if body is None or body.get("stream") is not True or body.get("image_data") or body.get("epd"):
+        return False
+    if kind == GENERATE:
+        return batch_size(kind, body) is None and not body.get("return_logprob")
+    return (body.get("n") in (None, 1) and not body.get("logprobs") and not body.get("echo")
+            and body.get("top_logprobs") is None)
+
+
+class StreamTracker:
+    """Reads a relayed SSE stream event by event, for stream migration: the token ids sent so far and whether
+    the answer finished. Only complete events are passed on (a half event of a stream that breaks is dropped,
+    and its tokens are regenerated). Removes the `token_ids` the router asked for when the client did not, and
+    gives a continuation (OpenAI) the first stream's `id`."""
+
+    def __init__(self, kind: str, strip_token_ids: bool) -> None:
+        self.kind, self.strip = kind, strip_token_ids
+        self.ids: list[int] = []
+        self.finished = False
+        self.stream_id: object = None
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        self._buf += chunk
+        *events, self._buf = self._buf.split(b"\n\n")
+        return b"".join(self._event(e) + b"\n\n" for e in events)
+
+    def restart(self) -> None:
+        """A new upstream stream continues this one."""
+        self._buf = b""
+
+    def _event(self, e: bytes) -> bytes:
+        if not e.startswith(b"data: {"):
+            return e
+        try:
+            ev = orjson.loads(e[6:])
+        except orjson.JSONDecodeError:
+            return e
+        if not isinstance(ev, dict) or "error" in ev:
+            return e
+        if self.kind == GENERATE:
+            ids = ev.get("output_ids")
+            if isinstance(ids, list):
+                self.ids = ids  # cumulative
+            meta = ev.get("meta_info")
+            self.finished = self.finished or (isinstance(meta, dict) and meta.get("finish_reason") is not None)
+            return e
+        changed = False
+        if self.stream_id is None:
+            self.stream_id = ev.get("id")
+        elif ev.get("id") != self.stream_id:
+            ev["id"], changed = self.stream_id, True
+        choices = ev.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            ids = choice.pop("token_ids", None) if self.strip else choice.get("token_ids")
+            changed = changed or (self.strip and ids is not None)
+            if isinstance(ids, list):
+                self.ids.extend(ids)
+            self.finished = self.finished or choice.get("finish_reason") is not None
+        return b"data: " + orjson.dumps(ev) if changed else e

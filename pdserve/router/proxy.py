@@ -103,6 +103,20 @@ class _Link:
             self.d_resp.close()  # a pending read of the relay wakes up with an error
 
 
+class _Migration:
+    """A stream the router may continue on another pair (stream migration): what re-issuing it needs, the
+    tracker of what the client got, and the client's response once it began."""
+
+    __slots__ = ("ep", "body", "text", "tracker", "excluded", "out", "count", "clean")
+
+    def __init__(self, ep: Endpoint, body: dict, text: str | None, tracker: payload.StreamTracker) -> None:
+        self.ep, self.body, self.text, self.tracker = ep, body, text, tracker
+        self.excluded: list[Worker] = []
+        self.out: web.StreamResponse | None = None
+        self.count = 0  # migrations so far
+        self.clean = False  # whether the client's stream ended cleanly
+
+
 class RetryBudget:
     """Token bucket: every request deposits `budget_ratio` tokens, time adds `budget_min_per_s` per second, a
     retry spends one; bounds retry storms when a whole fleet fails."""
@@ -136,6 +150,7 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None  # EPD encode calls
         self.client: UpstreamClient | None = None  # generation, info and control calls
         self._background: set[asyncio.Task] = set()
+        self.migrates = config.migration_limit > 0
         self.num_inflight = 0  # client requests being answered (a drain waits for 0)
         self.draining = False  # set by a drain: new requests are refused with 503
 
@@ -151,20 +166,29 @@ class Proxy:
         try:
             raw = await request.read()
             body = None
-            if self.pd or self.needs_text or self.config.encode_urls:
+            if self.pd or self.needs_text or self.config.encode_urls or (self.migrates and b'"stream"' in raw):
                 try:
                     body = payload.parse_object(raw)
                 except payload.BadRequest as e:
                     self.metrics.error(ep.kind, "bad_request")
                     return Failure.message(400, str(e), "bad_request", False).response()
             text = payload.routing_text(ep.kind, body) if self.needs_text else None
-            return await self._with_retries(request, ep, raw, body, text)
+            mig = None
+            if self.migrates and payload.migratable(ep.kind, body):
+                assert body is not None
+                strip = False
+                if ep.kind != payload.GENERATE:  # OpenAI streams carry their token ids only when asked
+                    strip = body.get("return_token_ids") is not True
+                    body = {**body, "return_token_ids": True}
+                    raw = orjson.dumps(body)
+                mig = _Migration(ep, body, text, payload.StreamTracker(ep.kind, strip))
+            return await self._with_retries(request, ep, raw, body, text, mig)
         finally:
             self.num_inflight -= 1
             rc.duration.observe(time.perf_counter() - t0)
 
     async def _with_retries(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
-                            text: str | None) -> web.StreamResponse:
+                            text: str | None, mig: _Migration | None = None) -> web.StreamResponse:
         self.budget.deposit()
         excluded: list[Worker] = []
         attempt = 0
@@ -175,7 +199,7 @@ class Proxy:
                     self.metrics.route(ep.kind).decode_fallbacks.inc()
                 if self.config.encode_urls and body is not None:
                     raw, body = await self._encode(ep, raw, body)
-                return await self._attempt(request, ep, raw, body, prefill, worker)
+                return await self._attempt(request, ep, raw, body, prefill, worker, mig)
             except Failure as f:
                 failure = f
             if not failure.retryable or attempt >= self.retry.max_retries or not self.budget.withdraw():
@@ -229,7 +253,7 @@ class Proxy:
 
     # ---- one attempt -----------------------------------------------------------------------------------
     async def _attempt(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
-                       prefill: Worker | None, worker: Worker) -> web.StreamResponse:
+                       prefill: Worker | None, worker: Worker, mig: _Migration | None = None) -> web.StreamResponse:
         data = raw
         if prefill is not None:
             assert body is not None
@@ -260,7 +284,7 @@ class Proxy:
                 if link.p_failure is not None and streaming:  # the prefill failed in between
                     raise link.p_failure
             if streaming:
-                out, clean = await self._relay(request, worker, resp, chunk, p_task if merge else None, link)
+                out, clean = await self._relay(request, worker, resp, chunk, p_task if merge else None, link, mig)
                 return out
             clean = True
             self.registry.record(worker, True)
@@ -364,47 +388,98 @@ class Proxy:
 
     # ---- streaming -------------------------------------------------------------------------------------
     async def _relay(self, request: web.Request, w: Worker, resp: Response, first: bytes,
-                     merge_with: asyncio.Task | None, link: _Link) -> tuple[web.StreamResponse, bool]:
+                     merge_with: asyncio.Task | None, link: _Link,
+                     mig: _Migration | None = None) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE answer chunk by chunk (the first chunk was awaited before the client got headers, so
-        that a failure up to then could still be retried). Returns (response, whether it ended cleanly)."""
-        merger = None
+        that a failure up to then could still be retried). A migratable stream whose worker fails or stalls
+        continues on another pair (_migrate). Returns (response, whether it ended cleanly)."""
+        transform = None
         if merge_with is not None:
             with contextlib.suppress(Failure):
-                merger = payload.StreamLogprobMerger(await merge_with)
-            first = merger.feed(first) if merger else first
-        out = web.StreamResponse(status=resp.status, headers={
-            "Content-Type": resp.header("content-type", "text/event-stream"), **_SSE_HEADERS})
+                transform = payload.StreamLogprobMerger(await merge_with).feed
+        elif mig is not None:
+            transform = mig.tracker.feed
+        first = transform(first) if transform else first
+        out = mig.out if mig is not None and mig.out is not None else None  # a migrated stream continues it
+        stall_s = self.config.stream_stall_timeout_s if mig is not None else None
         try:
-            await out.prepare(request)
+            if out is None:
+                out = web.StreamResponse(status=resp.status, headers={
+                    "Content-Type": resp.header("content-type", "text/event-stream"), **_SSE_HEADERS})
+                await out.prepare(request)
+                if mig is not None:
+                    mig.out = out
             if first:
                 await out.write(first)
             while True:
                 try:
-                    chunk = await resp.readany()
+                    chunk = await resp.readany(stall_s)
                 except _NET_ERRORS as e:
-                    if link.p_failure is not None:  # the prefill failed after the stream began
-                        f = link.p_failure
-                        msg = f"prefill failed: {f.body[:500].decode(errors='replace')}"
-                        await out.write(self._sse_error(msg, f.status))
-                    else:
-                        self.registry.record(w, False, str(e))
-                        msg = f"{w.role} worker {w.url} failed mid-stream: {type(e).__name__}: {e}"
-                        logger.warning("%s", msg)
-                        await out.write(self._sse_error(msg, 502))
-                    self.metrics.error("stream", "mid_stream")
-                    return out, False
+                    clean = await self._broken(request, w, resp, out, link, mig, e)
+                    return out, clean
                 if not chunk:
                     break
-                await out.write(merger.feed(chunk) if merger else chunk)
-            if merger is not None:
-                tail = merger.flush()
-                if tail:
-                    await out.write(tail)
+                data = transform(chunk) if transform else chunk
+                if data:
+                    await out.write(data)
             self.registry.record(w, True)
             await out.write_eof()
+            if mig is not None:
+                mig.clean = True
             return out, True
         except ConnectionError:  # the client went away: closing the upstream aborts the request there
-            return out, False
+            return out, False  # type: ignore[return-value]
+
+    async def _broken(self, request: web.Request, w: Worker, resp: Response, out: web.StreamResponse, link: _Link,
+                      mig: _Migration | None, e: BaseException) -> bool:
+        """A stream whose upstream broke or stalled after the client got some of it: migrated when it may be,
+        else ended with an SSE error event. Whether the client's stream ended cleanly."""
+        resp.close()  # a stalled worker sees the disconnect and aborts the request
+        if link.p_failure is not None:  # the prefill failed after the stream began
+            f = link.p_failure
+            await out.write(self._sse_error(f"prefill failed: {f.body[:500].decode(errors='replace')}", f.status))
+            self.metrics.error("stream", "mid_stream")
+            return False
+        stalled = isinstance(e, asyncio.TimeoutError) and self.config.stream_stall_timeout_s is not None
+        reason = "stalled or timed out" if stalled else f"failed mid-stream: {type(e).__name__}: {e}".rstrip(": ")
+        self.registry.record(w, False, reason)
+        if mig is not None and mig.tracker.finished:  # the answer was complete: only its end marker is missing
+            await out.write(b"data: [DONE]\n\n")
+            await out.write_eof()
+            mig.clean = True
+            return True
+        if mig is not None and mig.count < self.config.migration_limit:
+            return await self._migrate(request, out, mig, w, reason)
+        msg = f"{w.role} worker {w.url} {reason}"
+        logger.warning("%s", msg)
+        await out.write(self._sse_error(msg, 502))
+        self.metrics.error("stream", "mid_stream")
+        return False
+
+    async def _migrate(self, request: web.Request, out: web.StreamResponse, mig: _Migration, failed: Worker,
+                       reason: str) -> bool:
+        """Stream migration: re-issue the request with the tokens the client already has (`resume_output_ids`)
+        on another pair and continue the same client stream from there, at most --migration-limit times."""
+        mig.excluded.append(failed)
+        while mig.count < self.config.migration_limit:
+            mig.count += 1
+            self.metrics.route(mig.ep.kind).migrations.inc()
+            logger.warning("%s worker %s %s after %d tokens: migrating the stream (%d of %d)", failed.role,
+                           failed.url, reason, len(mig.tracker.ids), mig.count, self.config.migration_limit)
+            mig.tracker.restart()
+            body = {**mig.body, "resume_output_ids": list(mig.tracker.ids)}
+            try:
+                prefill, worker = self._pick(mig.text, mig.excluded)
+                await self._attempt(request, mig.ep, orjson.dumps(body), body, prefill, worker, mig)
+                return mig.clean
+            except Failure as f:
+                mig.excluded.extend(f.workers)
+                reason = f.reason
+                await asyncio.sleep(self._backoff(mig.count))
+        await out.write(self._sse_error(f"the stream failed and {mig.count} migrations did not finish it "
+                                        f"(last: {reason})", 502))
+        self.metrics.error("stream", "mid_stream")
+        return False
 
     @staticmethod
     def _sse_error(message: str, status: int) -> bytes:

@@ -70,18 +70,25 @@ class Response:
         v = _field(self._head, self._low, b"content-type")
         return v.split(b";", 1)[0].strip().lower().decode("latin-1") if v else "application/octet-stream"
 
-    async def readany(self) -> bytes:
-        """The body bytes that arrived since the last call (waits for some); b"" at the end."""
+    async def readany(self, idle_timeout: float | None = None) -> bytes:
+        """The body bytes that arrived since the last call (waits for some); b"" at the end. With idle_timeout,
+        asyncio.TimeoutError when nothing arrives for that long (the response stays open)."""
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc
             if self._eof:
                 return b""
-            self._waiter = self._conn.loop.create_future()
+            waiter = self._waiter = self._conn.loop.create_future()
+            stall = None
+            if idle_timeout is not None:
+                stall = self._conn.loop.call_later(
+                    idle_timeout, lambda: waiter.done() or waiter.set_exception(asyncio.TimeoutError()))
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if stall is not None:
+                    stall.cancel()
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         if self._size >= _HIGH_WATER:

@@ -36,6 +36,9 @@ class GenInput:
     bootstrap: BootstrapInfo | None = None
     mm: object = None  # image prompts: pdserve.epd.mm.MultimodalInput (input_ids already expanded)
     routed_dp_rank: int | None = None  # the data parallel replica asked for; None: the client picks
+    # A migrated stream (pdserve extension `resume_output_ids`): tokens another server already generated and the
+    # client already has. They count as this request's output; only what follows them is generated here.
+    resume_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,10 +124,17 @@ class GenerationService:
     # ---- validation -------------------------------------------------------------------------------------
     def validate(self, inp: GenInput) -> GenInput:
         """Reject what the engine cannot run (400); clamp max_new_tokens to the room left in the context."""
-        n = len(inp.input_ids)
-        if n == 0:
+        if not inp.input_ids:
             raise BadRequestError("the prompt is empty", param="prompt")
-        bad = next((t for t in inp.input_ids if not 0 <= t < self.vocab_size), None)
+        if inp.resume_ids:
+            if len(inp.resume_ids) >= inp.sampling.max_new_tokens:
+                raise BadRequestError(f"resume_output_ids has {len(inp.resume_ids)} tokens: nothing is left of "
+                                      f"max_new_tokens={inp.sampling.max_new_tokens}", param="resume_output_ids")
+            s = inp.sampling
+            inp = replace(inp, sampling=replace(s, max_new_tokens=s.max_new_tokens - len(inp.resume_ids),
+                                                min_new_tokens=max(0, s.min_new_tokens - len(inp.resume_ids))))
+        n = len(inp.input_ids) + len(inp.resume_ids)
+        bad = next((t for t in (*inp.input_ids, *inp.resume_ids) if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise BadRequestError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", "input_ids")
         bad = next((t for t, _ in inp.sampling.logit_bias if not 0 <= t < self.vocab_size), None)
@@ -175,21 +185,25 @@ class GenerationService:
         """The request's chunks; `inp.rid` must already be in `self.active` (released here)."""
         timer = self.metrics.start_request()
         req = GenerateRequest(
-            rid=inp.rid, input_ids=tuple(inp.input_ids), sampling=inp.sampling, return_logprob=inp.return_logprob,
+            rid=inp.rid, input_ids=(*inp.input_ids, *inp.resume_ids), sampling=inp.sampling, return_logprob=inp.return_logprob,
             top_logprobs_num=inp.top_logprobs_num, logprob_start_len=inp.logprob_start_len, stream=inp.stream,
             bootstrap=inp.bootstrap, mm=inp.mm, routed_dp_rank=inp.routed_dp_rank,
         )
         engine_stream = self.client.generate(req)
-        prompt_tokens, cached, completion, started = len(inp.input_ids), 0, 0, False
+        num_resumed = len(inp.resume_ids)
+        prompt_tokens, cached, completion, started = len(inp.input_ids), 0, num_resumed, False
         finish: FinishReason | None = None
         try:
             detok = DetokenizeStream(self.tokenizer, inp.input_ids, inp.sampling)
+            if num_resumed:
+                detok.feed(list(inp.resume_ids))  # the client has this text already: only what follows is sent
             while finish is None:
                 out, error = await self._next_output(engine_stream, inp.rid, started)
                 started = True
-                completion = max(completion + len(out.new_token_ids), out.completion_tokens)
-                prompt_tokens = out.prompt_tokens or prompt_tokens
-                cached = max(cached, out.cached_tokens)
+                completion = max(completion + len(out.new_token_ids), num_resumed + out.completion_tokens)
+                if not num_resumed:  # else the engine's prompt includes the resumed tokens
+                    prompt_tokens = out.prompt_tokens or prompt_tokens
+                cached = min(max(cached, out.cached_tokens), prompt_tokens)
                 timer.on_tokens(len(out.new_token_ids))
                 finish = self._finish_reason(out, error, completion)
                 stop_token = self._stop_token(out, finish)
@@ -257,8 +271,8 @@ async def _prepend(first: GenChunk, rest: AsyncIterator[GenChunk]) -> AsyncItera
                 yield chunk
 
 
-async def collect(stream: AsyncIterator[GenChunk], rid: str) -> GenResult:
-    result = GenResult(rid)
+async def collect(stream: AsyncIterator[GenChunk], rid: str, resumed: Sequence[int] = ()) -> GenResult:
+    result = GenResult(rid, output_ids=list(resumed))
     async with aclosing(stream):
         async for chunk in stream:
             result.add(chunk)

@@ -37,7 +37,7 @@ class NativeServing:
             logprob_start_len=item.logprob_start_len, stream=stream,
             bootstrap=bootstrap_info(item.bootstrap_host, item.bootstrap_port, item.bootstrap_room,
                                      item.disagg_prefill_dp_rank), mm=mm,
-            routed_dp_rank=item.routed_dp_rank,
+            routed_dp_rank=item.routed_dp_rank, resume_ids=item.resume_ids,
         )
 
     async def generate(self, req: GenerateReqInput, request: Request) -> Response:
@@ -45,7 +45,7 @@ class NativeServing:
         streams = await self.gen.open(inputs)
         if req.stream:
             return sse_response(self._events(req, inputs, streams))
-        results = await unless_disconnected(request, asyncio.gather(*(collect(s, i.rid)
+        results = await unless_disconnected(request, asyncio.gather(*(collect(s, i.rid, i.resume_ids)
                                                                       for s, i in zip(streams, inputs))))
         failed = next((r for r in results if r.error is not None), None)
         if failed is not None:
@@ -54,7 +54,7 @@ class NativeServing:
         return json_response(out if req.is_batch else out[0])
 
     async def _events(self, req: GenerateReqInput, inputs: list[GenInput], streams: list) -> AsyncIterator[bytes]:
-        results = [GenResult(inp.rid) for inp in inputs]
+        results = [GenResult(inp.rid, output_ids=list(inp.resume_ids)) for inp in inputs]
         async with aclosing(merge(streams)) as chunks:
             async for i, chunk in chunks:
                 if chunk.error is not None:

@@ -106,6 +106,7 @@ class OpenAIServing:
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
                     bootstrap=_bootstrap_of(common, index, total), mm=mm, routed_dp_rank=common.routed_dp_rank,
+                    resume_ids=common.resume_ids,
                 )))
         return choices
 
@@ -122,7 +123,7 @@ class OpenAIServing:
         streams = await self.gen.open([c.input for c in choices])
         if req.common.stream:
             return sse_response(self._completion_events(req, choices, streams, prompts, prompt_texts, rid, created))
-        results = await unless_disconnected(request, asyncio.gather(*(collect(s, c.input.rid)
+        results = await unless_disconnected(request, asyncio.gather(*(collect(s, c.input.rid, c.input.resume_ids)
                                                                       for s, c in zip(streams, choices))))
         _raise_on_error(results)
         out = []
@@ -136,7 +137,7 @@ class OpenAIServing:
                 )
             reason, matched = _finish(r)
             out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason,
-                        "matched_stop": matched})
+                        "matched_stop": matched, **({"token_ids": r.output_ids} if req.common.return_token_ids else {})})
         return json_response({
             "id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": out,
             "usage": _usage(prompts, choices, [r.completion_tokens for r in results],
@@ -166,9 +167,12 @@ class OpenAIServing:
                     text = prompt_texts[c.prompt_index] + text
                 started[i] = True
                 reason, matched = _finish(chunk)
-                if not text and lp is None and reason is None:
+                with_ids = req.common.return_token_ids and bool(chunk.new_ids)
+                if not text and lp is None and reason is None and not with_ids:
                     continue
                 choice = {"index": c.index, "text": text, "logprobs": lp, "finish_reason": reason}
+                if req.common.return_token_ids:
+                    choice["token_ids"] = chunk.new_ids
                 if reason is not None:
                     choice["matched_stop"] = matched
                 yield sse_event({"id": rid, "object": "text_completion", "created": created,
@@ -223,7 +227,7 @@ class OpenAIServing:
         streams = await self.gen.open([c.input for c in choices])
         if req.common.stream:
             return sse_response(self._chat_events(req, choices, streams, prompt, rid, created))
-        results = await unless_disconnected(request, asyncio.gather(*(collect(s, c.input.rid)
+        results = await unless_disconnected(request, asyncio.gather(*(collect(s, c.input.rid, c.input.resume_ids)
                                                                       for s, c in zip(streams, choices))))
         _raise_on_error(results)
         out = []
@@ -233,6 +237,7 @@ class OpenAIServing:
                 "index": c.index, "message": {"role": "assistant", "content": r.text},
                 "logprobs": self._chat_logprobs(r.output_logprobs, req.top_logprobs) if req.logprobs else None,
                 "finish_reason": reason, "matched_stop": matched,
+                **({"token_ids": r.output_ids} if req.common.return_token_ids else {}),
             })
         return json_response({
             "id": rid, "object": "chat.completion", "created": created, "model": self.model_name, "choices": out,
@@ -245,7 +250,7 @@ class OpenAIServing:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         usage_field = {"usage": None} if req.common.include_usage else {}
         completion, cached = [0] * len(choices), [0] * len(choices)
-        for c in choices:  # the role comes first, as OpenAI sends it
+        for c in choices if not req.common.resume_ids else ():  # the role first (a migrated stream sent it already)
             yield sse_event({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                   "logprobs": None, "finish_reason": None}], **usage_field})
         async with aclosing(merge(streams)) as chunks:
@@ -256,10 +261,13 @@ class OpenAIServing:
                 completion[i], cached[i] = chunk.completion_tokens, chunk.cached_tokens
                 reason, matched = _finish(chunk)
                 lps = self._chat_logprobs(chunk.new_logprobs, req.top_logprobs) if req.logprobs else None
-                if not chunk.delta and reason is None and not (lps and lps["content"]):
+                with_ids = req.common.return_token_ids and bool(chunk.new_ids)
+                if not chunk.delta and reason is None and not (lps and lps["content"]) and not with_ids:
                     continue
                 choice = {"index": choices[i].index, "delta": {"content": chunk.delta} if chunk.delta else {},
                           "logprobs": lps, "finish_reason": reason}
+                if req.common.return_token_ids:
+                    choice["token_ids"] = chunk.new_ids
                 if reason is not None:
                     choice["matched_stop"] = matched
                 yield sse_event({**head, "choices": [choice], **usage_field})

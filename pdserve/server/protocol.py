@@ -85,7 +85,7 @@ def _require_object(body: object) -> dict:
 _NATIVE_FIELDS = frozenset({
     "text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len", "top_logprobs_num",
     "return_text_in_logprobs", "stream", "bootstrap_host", "bootstrap_port", "bootstrap_room", "image_data",
-    *("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank"),
+    *("routed_dp_rank", "data_parallel_rank", "disagg_prefill_dp_rank", "resume_output_ids"),
 })
 IMAGE_SENTINEL = "\ufffcimage\ufffc"  # an image part inside a flattened chat message (pdserve/epd/front.py)
 
@@ -107,6 +107,7 @@ class GenerateItem:
     image_data: tuple[str, ...] = ()  # images (URL, file path, data URI / base64), in placeholder order
     routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
     disagg_prefill_dp_rank: int | None = None  # a decode: the prefill dp rank that has the room (SMG)
+    resume_ids: tuple[int, ...] = ()  # resume_output_ids: a migrated stream's tokens so far (single prompt only)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ def parse_generate(body: object) -> GenerateReqInput:
     native_dp = _per_item(body, "data_parallel_rank", n, is_batch, _int_entry(None))
     prefill_dp = _per_item(body, "disagg_prefill_dp_rank", n, is_batch, _int_entry(None))
     dp_ranks = [routed_dp_rank(r, d) for r, d in zip(routed, native_dp)]
+    resume_ids = resume_output_ids(body)
+    if resume_ids and is_batch:
+        raise BadRequestError("resume_output_ids is supported with a single prompt only", param="resume_output_ids")
     images = _image_data(body.get("image_data"))
     if images and is_batch:
         raise BadRequestError("image_data is supported with a single prompt only", param="image_data")
@@ -206,7 +210,7 @@ def parse_generate(body: object) -> GenerateReqInput:
             text=texts[i], input_ids=ids[i], sampling=sampling[i], rid=rids[i], return_logprob=return_logprob[i],
             logprob_start_len=start_len[i], top_logprobs_num=top_num[i], bootstrap_host=hosts[i],
             bootstrap_port=ports[i], bootstrap_room=rooms[i], image_data=images, routed_dp_rank=dp_ranks[i],
-            disagg_prefill_dp_rank=prefill_dp[i],
+            disagg_prefill_dp_rank=prefill_dp[i], resume_ids=resume_ids,
         )
         for i in range(n)
     ]
@@ -217,6 +221,16 @@ def parse_generate(body: object) -> GenerateReqInput:
         return_text_in_logprobs=_get_bool(body, "return_text_in_logprobs"),
         extra={k: v for k, v in body.items() if k not in _NATIVE_FIELDS},
     )
+
+
+def resume_output_ids(body: dict) -> tuple[int, ...]:
+    """pdserve's `resume_output_ids` (what a router sends when it migrates a stream): a list of token ids."""
+    v = body.get("resume_output_ids")
+    if v is None:
+        return ()
+    if not _is_int_list(v):
+        raise BadRequestError("resume_output_ids must be a list of token ids", param="resume_output_ids")
+    return tuple(v)
 
 
 def _image_data(v: object) -> tuple[str, ...]:
@@ -258,6 +272,8 @@ class OpenAICommon:
     bootstrap_per_choice: tuple[BootstrapInfo, ...] = ()
     epd: object = None  # injected by an EPD balancer: where the image embeddings wait (pdserve/epd/front.py)
     routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
+    return_token_ids: bool = False  # vLLM's: each choice (and stream delta) also carries its token ids
+    resume_ids: tuple[int, ...] = ()  # resume_output_ids: a migrated stream's tokens so far (n = 1 only)
 
 
 def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
@@ -294,8 +310,12 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
     if bootstrap is not None and n > 1:
         raise BadRequestError("n > 1 with PD disaggregation needs one bootstrap_room per choice (a list)", param="n")
     dp_rank = routed_dp_rank(_get_int(body, "routed_dp_rank"), _get_int(body, "data_parallel_rank"))
+    resume_ids = resume_output_ids(body)
+    if resume_ids and n > 1:
+        raise BadRequestError("resume_output_ids needs n = 1", param="resume_output_ids")
     return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap,
-                        per_choice, body.get("epd"), routed_dp_rank=dp_rank)
+                        per_choice, body.get("epd"), routed_dp_rank=dp_rank,
+                        return_token_ids=_get_bool(body, "return_token_ids"), resume_ids=resume_ids)
 
 
 _BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room", "disagg_prefill_dp_rank")
