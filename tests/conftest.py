@@ -46,17 +46,21 @@ def free_port() -> int:
 
 
 def spawn(module: str, args: Sequence[str], api_key: str | None = None, env: dict[str, str] | None = None,
-          port: int | None = None, log_prefix: str = "pdserve-test-") -> ServerProcess:
-    """`python -m module --host 127.0.0.1 --port P args...` in its own process group, logging to a temp file."""
+          port: int | None = None, log_prefix: str = "pdserve-test-", host: str = "127.0.0.1",
+          netns: str | None = None) -> ServerProcess:
+    """`python -m module --host HOST --port P args...` in its own process group, logging to a temp file; inside
+    network namespace `netns` when given (tests/netns_helpers.py)."""
     port = port or free_port()
     fd, log_path = tempfile.mkstemp(prefix=log_prefix, suffix=".log")
-    cmd = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", module, "--host", host, "--port", str(port), *args]
+    if netns is not None:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
     if api_key:
         cmd += ["--api-key", api_key]
     with os.fdopen(fd, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
-    return ServerProcess(f"http://127.0.0.1:{port}", proc, log_path, api_key)
+    return ServerProcess(f"http://{host}:{port}", proc, log_path, api_key)
 
 
 def wait_ok(server: ServerProcess, path: str, timeout: float, what: str, interval_s: float = 0.5,
@@ -78,9 +82,9 @@ def wait_ok(server: ServerProcess, path: str, timeout: float, what: str, interva
 
 def start_server(args: Sequence[str] = (), api_key: str | None = None,
                  timeout: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None,
-                 port: int | None = None) -> ServerProcess:
+                 port: int | None = None, host: str = "127.0.0.1", netns: str | None = None) -> ServerProcess:
     """Start `python -m pdserve.launch_server` in its own process group; return once /health_generate is 200."""
-    server = spawn("pdserve.launch_server", args, api_key, env, port)
+    server = spawn("pdserve.launch_server", args, api_key, env, port, host=host, netns=netns)
     return wait_ok(server, "/health_generate", timeout, "server")
 
 

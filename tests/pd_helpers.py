@@ -26,18 +26,20 @@ class Prefill:
 
 
 def start_prefill(backend: str, extra: list[str] = (), env: dict | None = None, port: int | None = None,
-                  bootstrap_port: int | None = None) -> Prefill:
+                  bootstrap_port: int | None = None, **where: str) -> Prefill:
+    """`where`: host= and netns= for a server in a network namespace (tests/netns_helpers.py)."""
     bp = bootstrap_port or free_port()
     args = ["--num-threads", "1", "--disaggregation-mode", "prefill", "--disaggregation-transfer-backend", backend,
             "--disaggregation-bootstrap-port", str(bp), "--max-total-tokens", "8192", *extra]
     env = {**SIGNED, **(env or {})}
-    return Prefill(start_server(args, env=env, port=port), bp, args, env)
+    return Prefill(start_server(args, env=env, port=port, **where), bp, args, env)
 
 
-def start_decode(backend: str, extra: list[str] = (), env: dict | None = None, port: int | None = None) -> ServerProcess:
+def start_decode(backend: str, extra: list[str] = (), env: dict | None = None, port: int | None = None,
+                 **where: str) -> ServerProcess:
     args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
             "--max-total-tokens", "8192", *extra]
-    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})}, port=port)
+    return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})}, port=port, **where)
 
 
 def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:

@@ -274,6 +274,8 @@ class Proxy:
                 p_task = asyncio.ensure_future(self._prefill_leg(prefill, ep.path, data))
                 link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
                 p_task.add_done_callback(link.on_prefill_done)
+                if mig is not None and self.config.stream_stall_timeout_s is not None:
+                    await self._watch_head(link.d_task, p_task, worker)
                 try:
                     resp, chunk, streaming = await link.d_task
                 except asyncio.CancelledError:
@@ -308,6 +310,31 @@ class Proxy:
                 else:
                     p_task.cancel()
                     await asyncio.gather(p_task, return_exceptions=True)
+
+    async def _watch_head(self, d_task: asyncio.Task, p_task: asyncio.Task, decode: Worker) -> None:
+        """Before a migratable PD stream's first byte: fail the attempt (to be retried on another pair) when its
+        decode is marked unhealthy, or sends nothing within the stall timeout of the prefill's end (a stopped or
+        wedged decode), instead of waiting for it."""
+        down = decode.wait_down()
+        try:
+            done, _ = await asyncio.wait((d_task, p_task, down), return_when=asyncio.FIRST_COMPLETED)
+            if d_task.done():
+                return
+            if down not in done:  # the prefill leg ended first
+                if p_task.cancelled() or p_task.exception() is not None:
+                    return  # its failure cancels the decode leg (_Link)
+                await asyncio.wait((d_task, down), timeout=self.config.stream_stall_timeout_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if d_task.done():
+                    return
+            reason = ("was marked unhealthy before its first token" if down.done() else
+                      f"sent nothing within {self.config.stream_stall_timeout_s:g} s of the prefill's end")
+            d_task.cancel()
+            await asyncio.gather(d_task, return_exceptions=True)
+            self.registry.record(decode, False, f"stalled: {reason}")
+            raise Failure.message(504, f"decode worker {decode.url} {reason}", "stalled", True, (decode,))
+        finally:
+            down.cancel()
 
     def _forget(self, task: asyncio.Task) -> None:
         self._background.discard(task)

@@ -9,7 +9,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -84,6 +84,14 @@ class Worker:
     polled_load: int | None = None  # num_reqs + num_waiting_reqs at the last /get_load poll
     inflight_at_poll: int = 0
     last_error: str | None = None
+    down_waiters: set = field(default_factory=set)  # futures resolved when it turns unhealthy
+
+    def wait_down(self) -> asyncio.Future:
+        """A future resolved when this worker is next marked unhealthy (cancel it when no longer needed)."""
+        fut = asyncio.get_running_loop().create_future()
+        self.down_waiters.add(fut)
+        fut.add_done_callback(self.down_waiters.discard)
+        return fut
 
     @property
     def url(self) -> str:
@@ -216,6 +224,9 @@ class WorkerRegistry:
             w.health_successes, w.health_failures = 0, w.health_failures + 1
             if w.healthy and w.health_failures >= self.health.failure_threshold:
                 w.healthy = False
+                for fut in list(w.down_waiters):
+                    if not fut.done():
+                        fut.set_result(None)
         if not ok:
             w.last_error = error
         if w.healthy != was or (first and not ok):
