@@ -49,7 +49,7 @@ def main() -> int:
     try:
         dep = faults.Deployment(net, 2, 2, args.backend, faults.ROUTER_ARGS)
         refs = faults.references(dep, args.tokens)
-        for scenario in faults.SCENARIOS:
+        for scenario in faults.BENCH_SCENARIOS:
             if args.only in scenario.__name__:
                 results.append(scenario(dep, refs))
                 print(faults.format_results(results[-1:]).splitlines()[-1], flush=True)

@@ -338,3 +338,24 @@ def kill_decode(dep: Deployment, refs: dict[str, str]) -> ScenarioResult:
 
 SCENARIOS = (delay_and_loss, kill_prefill, partition_prefill, stop_decode, kill_decode)
 ROUTER_ARGS = ("--stream-stall-timeout-secs", "3")
+
+
+def kill_every_prefill(dep: Deployment, refs: dict[str, str]) -> ScenarioResult:
+    """No prefill left: the decodes prefill themselves (decode-only fallback) until the prefills are back."""
+    fallbacks = dep.metric("pdserve_router_decode_fallbacks_total")
+
+    def inject() -> str:
+        for p in dep.prefills:
+            p.signal(signal.SIGKILL)
+        return ""
+
+    def heal() -> str:
+        moved = dep.metric("pdserve_router_decode_fallbacks_total") - fallbacks
+        with cf.ThreadPoolExecutor(len(dep.prefills)) as ex:
+            list(ex.map(dep.restart, dep.prefills))
+        return f"{moved:.0f} requests served by a decode alone"
+
+    return run_with_fault(dep, "kill -9 every prefill (no replica left)", refs, inject, heal, 10.0)
+
+
+BENCH_SCENARIOS = (*SCENARIOS, kill_every_prefill)  # the last one restarts every prefill: benchmarks only
