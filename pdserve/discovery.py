@@ -184,6 +184,7 @@ class Registration:
         self.config, self.record, self.ttl_s = config, record, ttl_s
         self.key = record_key(config.prefix, record)
         self.lease: str | None = None
+        self.registered = False  # the record is in etcd under self.lease
         self.withdrawn = False
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
@@ -197,20 +198,21 @@ class Registration:
         while not self.withdrawn:
             try:
                 if self.lease is None:
-                    lease = await etcd.grant(self.ttl_s)
-                    await etcd.put(self.key, msgspec.json.encode(self.record), lease)
-                    self.lease = lease
+                    self.lease = await etcd.grant(self.ttl_s)  # known at once: withdraw() revokes it
+                if not self.registered:
+                    await etcd.put(self.key, msgspec.json.encode(self.record), self.lease)
+                    self.registered = True
                     logger.info("registered %s in etcd %s (lease %s, ttl %.0f s)", self.key, self.config.endpoint,
-                                lease, self.ttl_s)
+                                self.lease, self.ttl_s)
                 await asyncio.sleep(self.ttl_s / 3)
                 if await etcd.keepalive(self.lease) <= 0:
                     logger.warning("etcd forgot the lease of %s: registering again", self.key)
-                    self.lease = None
+                    self.lease, self.registered = None, False
                 failures = 0
-            except EtcdError as e:
+            except Exception as e:  # noqa: BLE001 - etcd away or answering oddly: keep trying, never die
                 failures += 1
                 if failures == 1 or failures % 10 == 0:
-                    logger.warning("discovery: %s (retrying)", e)
+                    logger.warning("discovery: %s: %s (retrying)", type(e).__name__, e)
                 await asyncio.sleep(_backoff(failures))
 
     async def withdraw(self) -> None:
@@ -253,11 +255,11 @@ class Membership:
                     failures = 0
                     async for kind, key, value in etcd.watch(self.config.prefix, revision + 1):
                         await self._apply(kind, key, value)
-                except EtcdError as e:
+                except Exception as e:  # noqa: BLE001 - etcd away or answering oddly: keep the membership
                     failures += 1
                     if failures == 1 or failures % 10 == 0:
-                        logger.warning("discovery: %s; keeping the %d workers known (retrying)", e,
-                                       len(self.records))
+                        logger.warning("discovery: %s: %s; keeping the %d workers known (retrying)",
+                                       type(e).__name__, e, len(self.records))
                     await asyncio.sleep(_backoff(failures))
 
     async def _reconcile(self, kvs: dict[str, bytes]) -> None:
@@ -274,6 +276,9 @@ class Membership:
                 self.on_remove(old.url)
             return
         record = decode_record(value)
+        if record is not None and record_key(self.config.prefix, record) != key:
+            logger.warning("ignoring the discovery record under %s: it names %s (%s)", key, record.url, record.role)
+            record = None
         if record is None or record == old:
             return
         if old is not None:

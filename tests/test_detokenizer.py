@@ -119,3 +119,23 @@ def test_special_tokens_skipped_by_default(tokenizer):
     stream = DetokenizeStream(tokenizer, [], SamplingParams())
     stream.feed(ids, finished=True)
     assert stream.text == "assistant\nHi"
+
+
+@pytest.mark.parametrize("stop", [(), ("zzq",)])
+def test_migrated_stream_continues_the_text_exactly(tokenizer, stop):
+    """A stream resumed after any token (even inside a multi-byte character, or while a possible stop-string
+    prefix is held back) sends exactly the text the client has not seen yet."""
+    prompt = tokenizer.encode("Say it:")
+    ids = tokenizer.encode(" Hi 🦄 and 日本語 done, zz end")
+    sampling = SamplingParams(max_new_tokens=64, stop=stop)
+    whole = DetokenizeStream(tokenizer, prompt, sampling)
+    sent_before = []  # what the client had after each token
+    for t in ids:
+        whole.feed([t])
+        sent_before.append(whole.text)
+    expected = whole.text + whole.feed([], finished=True)
+    for k in range(1, len(ids)):
+        resumed = DetokenizeStream(tokenizer, prompt, sampling)
+        resumed.skip(ids[:k])
+        rest = "".join(resumed.feed([t]) for t in ids[k:]) + resumed.feed([], finished=True)
+        assert sent_before[k - 1] + rest == expected, k

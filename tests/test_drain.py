@@ -163,9 +163,8 @@ def test_rolling_restart_of_2p2d_under_load_loses_nothing():
         stop_all(*prefills, *decodes)
 
 
-def test_router_drain():
+def test_router_drain(server):
     """POST /drain on the router: readiness 503, new requests 503, an open stream finishes, then it exits 0."""
-    server = start_server(["--num-threads", "1", "--max-total-tokens", "4096"])
     r = wait_ok(spawn("pdserve.launch_router", ["--worker-urls", server.base_url], log_prefix="pdserve-router-"),
                 "/readiness", 60, "router", interval_s=0.2)
     try:
@@ -181,6 +180,5 @@ def test_router_drain():
         assert status == 200 and len(ids) == 32
         assert _exit_code(r, 60) == 0, r.log()[-3000:]
     finally:
-        stop_all(server)
         if r.proc.poll() is None:
             os.killpg(r.proc.pid, signal.SIGKILL)

@@ -138,6 +138,37 @@ def test_kill_one_of_two_decodes_mid_stream_migrates_every_stream(pair):
     decodes[1] = start_decode(BACKEND)  # for the next test
 
 
+def _engine_pid(server) -> int:
+    """The engine process of a server (its front's child started by multiprocessing's spawn)."""
+    pid = server.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = f.read().split()
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                return int(child)
+    raise AssertionError(f"no engine process under {pid}")
+
+
+def test_dead_engine_behind_a_live_front_migrates_its_streams(pair):
+    """The engine process of a decode dies while its HTTP front still answers: the front fails the streams
+    (an error event, or the connection drops as it exits); the router continues them on the other decode."""
+    prefill, decodes = pair
+    kinds = ["generate", "chat", "completions", "generate"]
+    with router(_router_args(prefill, decodes)) as r:
+        refs = {(k, PROMPTS[i % len(PROMPTS)]): _reference(r.base_url, k, PROMPTS[i % len(PROMPTS)])
+                for i, k in enumerate(kinds)}
+        streams, futs, ex = _run_streams(r, kinds)
+        os.kill(_engine_pid(decodes[1]), signal.SIGKILL)
+        with ex:
+            for f in futs:
+                f.result(timeout=240)
+        _check_identical(streams, refs)
+        assert scalar(r, "pdserve_router_migrations_total") >= 1
+    decodes[1].proc.wait(timeout=60)  # the front follows its engine out
+    decodes[1] = start_decode(BACKEND)
+
+
 def test_sigstopped_decode_streams_migrate_and_it_rejoins(pair):
     prefill, decodes = pair
     kinds = ["generate", "chat", "completions", "generate"]

@@ -6,6 +6,7 @@ undisturbed run's."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -45,5 +46,10 @@ def test_fault(deployment, scenario):
     assert result.requests >= 3
     assert result.succeeded == result.requests, f"{result.requests - result.succeeded} requests failed"
     assert result.unchanged == result.requests  # greedy answers equal the undisturbed run's
+    assert "did not rejoin" not in result.note
+    deadline = time.monotonic() + 30
     for p in dep.servers:  # the deployment is whole again
         assert p.proc.poll() is None, f"{p.name} exited"
+        while not dep.healthy_in_router(p):
+            assert time.monotonic() < deadline, f"{p.name} is out of rotation"
+            time.sleep(0.1)

@@ -101,11 +101,18 @@ def test_room_reuse_gets_fresh_state(pd, unified_outputs):
     wait_idle_and_free(prefill.server, decode)
 
 
-def test_request_without_room_is_rejected(pd):
+def test_request_without_room_is_rejected_by_a_prefill_and_prefilled_by_a_decode(pd, unified_outputs):
+    """A prefill needs a room (400); a decode given no bootstrap field at all prefills the prompt itself (the
+    router's decode-only fallback) and answers as a unified server would."""
     _, prefill, decode = pd
-    for s in (prefill.server, decode):
-        r = httpx.post(s.base_url + "/generate", json=greedy_body("hi"), timeout=30)
-        assert r.status_code == 400 and "bootstrap" in r.json()["error"]["message"]
+    r = httpx.post(prefill.server.base_url + "/generate", json=greedy_body("hi"), timeout=30)
+    assert r.status_code == 400 and "bootstrap" in r.json()["error"]["message"]
+    r = httpx.post(decode.base_url + "/generate", json=greedy_body(PROMPTS[0]), timeout=120)
+    assert r.status_code == 200 and r.json()["output_ids"] == unified_outputs[PROMPTS[0]]
+    half = {**greedy_body("hi"), "bootstrap_room": 7}  # a room without a host: a half-injected request
+    r = httpx.post(decode.base_url + "/generate", json=half, timeout=30)
+    assert r.status_code == 400 and "bootstrap_host" in r.json()["error"]["message"]
+    wait_idle_and_free(prefill.server, decode)
 
 
 def test_duplicate_live_room_is_rejected(pd):

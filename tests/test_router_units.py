@@ -207,6 +207,14 @@ def test_stream_tracker_for_migration():
     assert not payload.migratable("chat", {"messages": [], "stream": True, "n": 2})
     assert not payload.migratable("completions", {"prompt": "a", "stream": True, "echo": True})
     assert not payload.migratable("chat", {"messages": [], "stream": False})
+    assert not payload.migratable("completions", {"prompt": ["a", "b"], "stream": True})  # two sequences
+    assert payload.migratable("completions", {"prompt": [1, 2, 3], "stream": True})  # one tokenized prompt
+    assert not payload.migratable("chat", {"stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]})
+    assert not payload.migratable("chat", {"messages": [], "stream": True, "frequency_penalty": 0.5})
+    assert payload.migratable("chat", {"messages": [], "stream": True, "frequency_penalty": 0})
+    assert not payload.migratable("generate", {"text": "a", "stream": True,
+                                               "sampling_params": {"repetition_penalty": 1.1}})
 
     gen = payload.StreamTracker("generate", strip_token_ids=False)
     first = b'data: {"text": "A", "output_ids": [5], "meta_info": {"finish_reason": null}}\n\n'
@@ -225,3 +233,15 @@ def test_stream_tracker_for_migration():
     first_event = orjson.loads(out.split(b"\n\n")[0][6:])
     assert first_event["id"] == "c1" and "token_ids" not in first_event["choices"][0]
     assert chat.ids == [7, 8, 9] and chat.finished and out.endswith(b"data: [DONE]\n\n")
+
+
+def test_stream_tracker_holds_back_a_server_error_and_flushes_the_rest():
+    gen = payload.StreamTracker("generate", strip_token_ids=False)
+    out = gen.feed(b'data: {"text": "A", "output_ids": [5], "meta_info": {"finish_reason": null}}\n\n'
+                   b'data: {"error": {"message": "engine died", "code": 500}}\n\ndata: [DONE]\n\n')
+    assert b"error" not in out and b"[DONE]" not in out and gen.server_error is not None and gen.ids == [5]
+    gen.restart()  # the continuation elsewhere
+    assert gen.server_error is None
+    assert gen.feed(b'data: {"error": {"message": "bad", "code": 400}}\n\n').startswith(b'data: {"error"')
+    assert gen.server_error is None  # a client error is the client's answer, not a failure to migrate
+    assert gen.feed(b"data: [DONE]") == b"" and gen.flush() == b"data: [DONE]"  # no closing blank line

@@ -307,9 +307,20 @@ def kill_prefill(dep: Deployment, refs: dict[str, str]) -> ScenarioResult:
 
 
 def partition_prefill(dep: Deployment, refs: dict[str, str]) -> ScenarioResult:
-    host = dep.host_of(dep.prefills[0])
+    victim = dep.prefills[0]
+    host = dep.host_of(victim)
+
+    def heal() -> str:
+        dep.net.link_up(host)
+        t0 = time.monotonic()
+        while not dep.healthy_in_router(victim):
+            if time.monotonic() - t0 > 60:
+                return "did not rejoin within 60 s"
+            time.sleep(0.1)
+        return f"rejoined {time.monotonic() - t0:.1f} s after the link returned"
+
     return run_with_fault(dep, "partition a prefill (its link down) for 10 s", refs,
-                          lambda: dep.net.link_down(host), lambda: dep.net.link_up(host), 10.0, settle_s=6.0)
+                          lambda: dep.net.link_down(host), heal, 10.0)
 
 
 def stop_decode(dep: Deployment, refs: dict[str, str]) -> ScenarioResult:

@@ -67,7 +67,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
                    help="times a stream may continue on another worker (pair) after its own failed mid-stream "
                         "(the tokens already sent are kept; 0: off)")
     g.add_argument("--stream-stall-timeout-secs", type=float, default=_R.stream_stall_timeout_s,
-                   help="a stream that sends nothing for this long counts as failed (and migrates); 0: never")
+                   help="a stream that sends nothing for this long after its first byte (or, in PD, before its "
+                        "first byte once its prefill ended) counts as failed and migrates; 0: never")
 
     g = parser.add_argument_group("circuit breaker")
     g.add_argument("--cb-failure-threshold", type=int, default=_B.failure_threshold)

@@ -179,13 +179,34 @@ class StreamLogprobMerger:
         return b"data: " + orjson.dumps(ev)
 
 
+_PENALTIES = (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0))
+
+
+def _has_images(body: dict) -> bool:
+    if body.get("image_data") or body.get("epd"):
+        return True
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list)
+        and any(isinstance(p, dict) and p.get("type") != "text" for p in m["content"]) for m in messages)
+
+
 def migratable(kind: str, body: dict | None) -> bool:
     """A stream the router can continue on another pair if its decode dies: one sequence, streamed, no logprobs
-    (they are not re-sent), no images, no echo."""
-    if body is None or body.get("stream") is not True or body.get("image_data") or body.get("epd"):
+    (they are not re-sent), no images, no echo, no penalties (they count the tokens a server generated itself,
+    so a continuation would weigh them differently)."""
+    if body is None or body.get("stream") is not True or _has_images(body):
+        return False
+    sampling = (body.get("sampling_params") or {}) if kind == GENERATE else body
+    if not isinstance(sampling, dict) or any(sampling.get(k, neutral) not in (None, neutral)
+                                             for k, neutral in _PENALTIES):
         return False
     if kind == GENERATE:
         return batch_size(kind, body) is None and not body.get("return_logprob")
+    prompt = body.get("prompt")
+    if kind == COMPLETIONS and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        if len(prompt) != 1:
+            return False  # several prompts: several sequences
     return (body.get("n") in (None, 1) and not body.get("logprobs") and not body.get("echo")
             and body.get("top_logprobs") is None)
 
@@ -201,25 +222,38 @@ class StreamTracker:
         self.ids: list[int] = []
         self.finished = False
         self.stream_id: object = None
+        self.server_error: bytes | None = None  # a 5xx error event: the stream failed there (held back)
         self._buf = b""
 
     def feed(self, chunk: bytes) -> bytes:
         self._buf += chunk
         *events, self._buf = self._buf.split(b"\n\n")
-        return b"".join(self._event(e) + b"\n\n" for e in events)
+        return b"".join(out + b"\n\n" for out in map(self._event, events) if out is not None)
+
+    def flush(self) -> bytes:
+        """What is left at the end of the stream (an event without its closing blank line)."""
+        rest, self._buf = self._buf, b""
+        return rest if self.server_error is None else b""
 
     def restart(self) -> None:
         """A new upstream stream continues this one."""
-        self._buf = b""
+        self._buf, self.server_error = b"", None
 
-    def _event(self, e: bytes) -> bytes:
+    def _event(self, e: bytes) -> bytes | None:
+        if self.server_error is not None:
+            return None  # after a server's error event (its [DONE]): the stream continues elsewhere
         if not e.startswith(b"data: {"):
             return e
         try:
             ev = orjson.loads(e[6:])
         except orjson.JSONDecodeError:
             return e
-        if not isinstance(ev, dict) or "error" in ev:
+        if not isinstance(ev, dict):
+            return e
+        if "error" in ev:
+            if sse_error_status(e[6:]) >= 500 and not self.finished:
+                self.server_error = e[6:]
+                return None
             return e
         if self.kind == GENERATE:
             ids = ev.get("output_ids")

@@ -23,7 +23,7 @@ from pdserve.router import payload
 from pdserve.router.config import RetryConfig, RouterConfig
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import Policy
-from pdserve.router.upstream import Response, UpstreamClient, UpstreamError
+from pdserve.router.upstream import Response, Stalled, UpstreamClient, UpstreamError
 from pdserve.router.workers import Worker, WorkerRegistry
 from pdserve.server.errors import error_body
 
@@ -107,7 +107,7 @@ class _Migration:
     """A stream the router may continue on another pair (stream migration): what re-issuing it needs, the
     tracker of what the client got, and the client's response once it began."""
 
-    __slots__ = ("ep", "body", "text", "tracker", "excluded", "out", "count", "clean")
+    __slots__ = ("ep", "body", "text", "tracker", "excluded", "out", "count", "clean", "released")
 
     def __init__(self, ep: Endpoint, body: dict, text: str | None, tracker: payload.StreamTracker) -> None:
         self.ep, self.body, self.text, self.tracker = ep, body, text, tracker
@@ -115,6 +115,7 @@ class _Migration:
         self.out: web.StreamResponse | None = None
         self.count = 0  # migrations so far
         self.clean = False  # whether the client's stream ended cleanly
+        self.released: list[Worker] = []  # failed workers whose in-flight count the migration gave back early
 
 
 class RetryBudget:
@@ -181,7 +182,7 @@ class Proxy:
                     strip = body.get("return_token_ids") is not True
                     body = {**body, "return_token_ids": True}
                     raw = orjson.dumps(body)
-                mig = _Migration(ep, body, text, payload.StreamTracker(ep.kind, strip))
+                mig = _Migration(ep, dict(body), text, payload.StreamTracker(ep.kind, strip))  # before any injection
             return await self._with_retries(request, ep, raw, body, text, mig)
         finally:
             self.num_inflight -= 1
@@ -268,13 +269,18 @@ class Proxy:
         worker.inflight += 1
         worker.counters.requests.inc()
         try:
-            if prefill is None:
+            if prefill is None and mig is None:
                 resp, chunk, streaming = await self._head(worker, ep.path, data)
+            elif prefill is None:  # a stream from one worker: watched for its health until its first byte
+                link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
+                await self._watch_head(link.d_task, None, worker)
+                resp, chunk, streaming = await link.d_task
+                link.d_task = None
             else:
                 p_task = asyncio.ensure_future(self._prefill_leg(prefill, ep.path, data))
                 link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
                 p_task.add_done_callback(link.on_prefill_done)
-                if mig is not None and self.config.stream_stall_timeout_s is not None:
+                if mig is not None:
                     await self._watch_head(link.d_task, p_task, worker)
                 try:
                     resp, chunk, streaming = await link.d_task
@@ -282,8 +288,9 @@ class Proxy:
                     if link.p_failure is not None and not _cancelling():
                         raise link.p_failure from None
                     raise
-                link.d_task, link.d_resp = None, resp
-                if link.p_failure is not None and streaming:  # the prefill failed in between
+                # A migratable stream that began has its KV: a later prefill failure does not end it.
+                link.d_task, link.d_resp = None, (resp if mig is None else None)
+                if link.p_failure is not None and streaming and mig is None:  # the prefill failed in between
                     raise link.p_failure
             if streaming:
                 out, clean = await self._relay(request, worker, resp, chunk, p_task if merge else None, link, mig)
@@ -296,8 +303,11 @@ class Proxy:
             return web.Response(body=chunk, status=resp.status,
                                 headers={"Content-Type": resp.header("content-type", _JSON)})
         finally:
-            worker.inflight -= 1
-            worker.counters.duration.observe(time.perf_counter() - t0)
+            if mig is not None and worker in mig.released:
+                mig.released.remove(worker)  # counted out when its stream moved on
+            else:
+                worker.inflight -= 1
+                worker.counters.duration.observe(time.perf_counter() - t0)
             if link.d_task is not None and not link.d_task.done():
                 link.d_task.cancel()
                 await asyncio.gather(link.d_task, return_exceptions=True)
@@ -311,28 +321,29 @@ class Proxy:
                     p_task.cancel()
                     await asyncio.gather(p_task, return_exceptions=True)
 
-    async def _watch_head(self, d_task: asyncio.Task, p_task: asyncio.Task, decode: Worker) -> None:
-        """Before a migratable PD stream's first byte: fail the attempt (to be retried on another pair) when its
-        decode is marked unhealthy, or sends nothing within the stall timeout of the prefill's end (a stopped or
-        wedged decode), instead of waiting for it."""
+    async def _watch_head(self, d_task: asyncio.Task, p_task: asyncio.Task | None, decode: Worker) -> None:
+        """Before a migratable stream's first byte: fail the attempt (to be retried on another pair) when its
+        (decode) worker is marked unhealthy, or, in PD, sends nothing within the stall timeout of the prefill's
+        end (a stopped or wedged decode), instead of waiting for it."""
         down = decode.wait_down()
         try:
-            done, _ = await asyncio.wait((d_task, p_task, down), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((d_task, down) if p_task is None else (d_task, p_task, down),
+                                         return_when=asyncio.FIRST_COMPLETED)
             if d_task.done():
                 return
-            if down not in done:  # the prefill leg ended first
+            stall_s = self.config.stream_stall_timeout_s
+            if down not in done and p_task is not None:  # the prefill leg ended first
                 if p_task.cancelled() or p_task.exception() is not None:
                     return  # its failure cancels the decode leg (_Link)
-                await asyncio.wait((d_task, down), timeout=self.config.stream_stall_timeout_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((d_task, down), timeout=stall_s, return_when=asyncio.FIRST_COMPLETED)
                 if d_task.done():
                     return
-            reason = ("was marked unhealthy before its first token" if down.done() else
-                      f"sent nothing within {self.config.stream_stall_timeout_s:g} s of the prefill's end")
+            reason = ("was marked unhealthy before its first byte" if down.done() else
+                      f"sent nothing within {stall_s:g} s of the prefill's end")
             d_task.cancel()
             await asyncio.gather(d_task, return_exceptions=True)
             self.registry.record(decode, False, f"stalled: {reason}")
-            raise Failure.message(504, f"decode worker {decode.url} {reason}", "stalled", True, (decode,))
+            raise Failure.message(504, f"{decode.role} worker {decode.url} {reason}", "stalled", True, (decode,))
         finally:
             down.cancel()
 
@@ -418,15 +429,15 @@ class Proxy:
                      merge_with: asyncio.Task | None, link: _Link,
                      mig: _Migration | None = None) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE answer chunk by chunk (the first chunk was awaited before the client got headers, so
-        that a failure up to then could still be retried). A migratable stream whose worker fails or stalls
-        continues on another pair (_migrate). Returns (response, whether it ended cleanly)."""
-        transform = None
+        that a failure up to then could still be retried). A migratable stream whose worker fails, stalls or
+        sends a server error event continues on another pair (_migrate). Returns (response, whether it ended
+        cleanly)."""
+        transform: payload.StreamLogprobMerger | payload.StreamTracker | None = None
         if merge_with is not None:
             with contextlib.suppress(Failure):
-                transform = payload.StreamLogprobMerger(await merge_with).feed
+                transform = payload.StreamLogprobMerger(await merge_with)
         elif mig is not None:
-            transform = mig.tracker.feed
-        first = transform(first) if transform else first
+            transform = mig.tracker
         out = mig.out if mig is not None and mig.out is not None else None  # a migrated stream continues it
         stall_s = self.config.stream_stall_timeout_s if mig is not None else None
         try:
@@ -436,19 +447,21 @@ class Proxy:
                 await out.prepare(request)
                 if mig is not None:
                     mig.out = out
-            if first:
-                await out.write(first)
-            while True:
+            chunk = first
+            while chunk:
+                data = transform.feed(chunk) if transform is not None else chunk
+                if data:
+                    await out.write(data)
+                if mig is not None and mig.tracker.server_error is not None:  # the worker failed the request
+                    error = UpstreamError(f"error event: {mig.tracker.server_error[:300]!r}")
+                    return out, await self._broken(request, w, resp, out, link, mig, error)
                 try:
                     chunk = await resp.readany(stall_s)
                 except _NET_ERRORS as e:
-                    clean = await self._broken(request, w, resp, out, link, mig, e)
-                    return out, clean
-                if not chunk:
-                    break
-                data = transform(chunk) if transform else chunk
-                if data:
-                    await out.write(data)
+                    return out, await self._broken(request, w, resp, out, link, mig, e)
+            tail = transform.flush() if transform is not None else b""
+            if tail:
+                await out.write(tail)
             self.registry.record(w, True)
             await out.write_eof()
             if mig is not None:
@@ -459,27 +472,31 @@ class Proxy:
 
     async def _broken(self, request: web.Request, w: Worker, resp: Response, out: web.StreamResponse, link: _Link,
                       mig: _Migration | None, e: BaseException) -> bool:
-        """A stream whose upstream broke or stalled after the client got some of it: migrated when it may be,
-        else ended with an SSE error event. Whether the client's stream ended cleanly."""
+        """A stream whose upstream broke, stalled or failed after the client got some of it: migrated when it
+        may be, else ended with an SSE error event. Whether the client's stream ended cleanly."""
         resp.close()  # a stalled worker sees the disconnect and aborts the request
-        if link.p_failure is not None:  # the prefill failed after the stream began
+        if link.p_failure is not None and mig is None:  # the prefill failed after the stream began
             f = link.p_failure
             await out.write(self._sse_error(f"prefill failed: {f.body[:500].decode(errors='replace')}", f.status))
             self.metrics.error("stream", "mid_stream")
             return False
-        stalled = isinstance(e, asyncio.TimeoutError) and self.config.stream_stall_timeout_s is not None
-        reason = "stalled or timed out" if stalled else f"failed mid-stream: {type(e).__name__}: {e}".rstrip(": ")
-        self.registry.record(w, False, reason)
+        timed_out = isinstance(e, asyncio.TimeoutError)  # the request's own deadline: not the worker's fault
+        reason = ("stalled" if isinstance(e, Stalled) else "timed out" if timed_out else
+                  f"failed mid-stream: {type(e).__name__}: {e}".rstrip(": "))
+        if not timed_out:
+            self.registry.record(w, False, reason)
         if mig is not None and mig.tracker.finished:  # the answer was complete: only its end marker is missing
             await out.write(b"data: [DONE]\n\n")
             await out.write_eof()
             mig.clean = True
             return True
-        if mig is not None and mig.count < self.config.migration_limit:
+        if mig is not None and mig.count < self.config.migration_limit and not timed_out:
+            w.inflight -= 1  # the rest of the stream is another worker's load
+            mig.released.append(w)
             return await self._migrate(request, out, mig, w, reason)
         msg = f"{w.role} worker {w.url} {reason}"
         logger.warning("%s", msg)
-        await out.write(self._sse_error(msg, 502))
+        await out.write(self._sse_error(msg, 504 if timed_out else 502))
         self.metrics.error("stream", "mid_stream")
         return False
 
@@ -502,6 +519,8 @@ class Proxy:
             except Failure as f:
                 mig.excluded.extend(f.workers)
                 reason = f.reason
+                if not f.retryable:  # the continuation itself is refused (e.g. no room left in the context)
+                    break
                 await asyncio.sleep(self._backoff(mig.count))
         await out.write(self._sse_error(f"the stream failed and {mig.count} migrations did not finish it "
                                         f"(last: {reason})", 502))

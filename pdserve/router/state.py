@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 
-from pdserve.router.config import RouterConfig, WorkerSpec
+from pdserve.router.config import RouterConfig, WorkerSpec, normalize_url
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import make_policy
 from pdserve.router.proxy import Proxy
@@ -111,6 +111,10 @@ class RouterState:
             await self.registry.probe(w)
 
     def _undiscovered(self, url: str) -> None:
+        try:
+            url = normalize_url(url)
+        except ValueError:
+            return  # never added
         if url in self.discovered:
             self.discovered.discard(url)
             self.registry.remove(url)

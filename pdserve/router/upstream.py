@@ -28,6 +28,10 @@ class UpstreamError(Exception):
     """The connection broke or the answer is not valid HTTP."""
 
 
+class Stalled(UpstreamError):
+    """Nothing arrived for the idle timeout given to readany() (the answer stays open)."""
+
+
 class _Stale(UpstreamError):
     """Closed right after the request was sent, before any byte of the answer arrived."""
 
@@ -72,7 +76,7 @@ class Response:
 
     async def readany(self, idle_timeout: float | None = None) -> bytes:
         """The body bytes that arrived since the last call (waits for some); b"" at the end. With idle_timeout,
-        asyncio.TimeoutError when nothing arrives for that long (the response stays open)."""
+        Stalled when nothing arrives for that long (the response stays open)."""
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc
@@ -82,7 +86,8 @@ class Response:
             stall = None
             if idle_timeout is not None:
                 stall = self._conn.loop.call_later(
-                    idle_timeout, lambda: waiter.done() or waiter.set_exception(asyncio.TimeoutError()))
+                    idle_timeout, lambda: waiter.done() or waiter.set_exception(
+                        Stalled(f"nothing arrived for {idle_timeout:g} s")))
             try:
                 await waiter
             finally:

@@ -204,15 +204,17 @@ class WorkerRegistry:
         try:
             async with self.session.get(w.url + self.health.endpoint, headers=self.auth_headers,
                                         timeout=aiohttp.ClientTimeout(total=self.health.timeout_s)) as r:
-                await r.read()
+                body = await r.read()
                 ok = r.status == 200
                 err = None if ok else f"health check answered {r.status}"
+                draining = r.status == 503 and b"draining" in body[:4096]
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            ok, err = False, f"health check failed: {type(e).__name__}: {e}"
-        self.apply_health(w, ok, err)
+            ok, err, draining = False, f"health check failed: {type(e).__name__}: {e}", False
+        self.apply_health(w, ok, err, draining)
         return ok
 
-    def apply_health(self, w: Worker, ok: bool, error: str | None = None) -> None:
+    def apply_health(self, w: Worker, ok: bool, error: str | None = None, draining: bool = False) -> None:
+        """A health result. A draining worker leaves rotation but keeps the requests it has (no down signal)."""
         was, first = w.healthy, not w.checked
         if first:
             w.checked, w.healthy = True, ok
@@ -224,7 +226,7 @@ class WorkerRegistry:
             w.health_successes, w.health_failures = 0, w.health_failures + 1
             if w.healthy and w.health_failures >= self.health.failure_threshold:
                 w.healthy = False
-                for fut in list(w.down_waiters):
+                for fut in list(w.down_waiters) if not draining else ():
                     if not fut.done():
                         fut.set_result(None)
         if not ok:

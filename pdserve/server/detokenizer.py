@@ -130,6 +130,19 @@ class DetokenizeStream:
         """The stop string found in the text, if any (the request must then end)."""
         return self._cutter.matched
 
+    def skip(self, token_ids: Sequence[int]) -> None:
+        """Take tokens whose text the client already has (a migrated stream's `resume_output_ids`): from here on
+        only later text is new. A trailing incomplete character stays pending, as it did where the tokens were
+        generated (the client has not seen it), so the tokens up to the last whole character go in first."""
+        ids = list(token_ids)
+        whole = len(ids)
+        while whole > 0 and len(ids) - whole < 4 and self._detok._decode(ids[:whole]).endswith(_REPLACEMENT):
+            whole -= 1
+        if whole == 0:
+            whole = len(ids)  # no whole character found near the end: take them as they are
+        self.feed(ids[:whole])
+        self.feed(ids[whole:])
+
     def feed(self, token_ids: Sequence[int], finished: bool = False, stop_token: int | None = None) -> str:
         """Add tokens; return the new visible text. On the last call pass `finished=True` and, when the
         request ended on a stop/EOS token id, that id: its text is not shown (unless no_stop_trim)."""

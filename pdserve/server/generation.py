@@ -196,7 +196,7 @@ class GenerationService:
         try:
             detok = DetokenizeStream(self.tokenizer, inp.input_ids, inp.sampling)
             if num_resumed:
-                detok.feed(list(inp.resume_ids))  # the client has this text already: only what follows is sent
+                detok.skip(inp.resume_ids)  # the client has this text already: only what follows is sent
             while finish is None:
                 out, error = await self._next_output(engine_stream, inp.rid, started)
                 started = True

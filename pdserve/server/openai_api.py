@@ -97,6 +97,9 @@ class OpenAIServing:
             sampling = sampling.with_max_new_tokens(default_max)
         base = common.rid or self.gen.new_rid()
         total = len(prompts) * common.n
+        if common.resume_ids and total > 1:
+            raise BadRequestError("resume_output_ids continues one sequence: give one prompt and n = 1",
+                                  param="resume_output_ids")
         choices = []
         for p, ids in enumerate(prompts):
             for i in range(common.n):
