@@ -142,8 +142,9 @@ class Deployment:
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
     def close(self) -> None:
-        for p in [self.router, *self.servers]:
-            p.stop()
+        self.router.stop()
+        with cf.ThreadPoolExecutor(len(self.servers)) as ex:  # each drains and exits on its own
+            list(ex.map(Proc.stop, self.servers))
 
 
 def greedy_body(prompt: str, num_tokens: int) -> dict:
