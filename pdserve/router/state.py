@@ -93,18 +93,17 @@ class RouterState:
 
     async def _discovered(self, record) -> None:
         """A worker registered in etcd: added (and probed) unless it does not fit this router's mode."""
-        allowed = ("prefill", "decode") if self.config.pd_disaggregation else ("regular",)
-        if record.role not in allowed:
-            logger.info("discovery: ignoring %s (%s): this router takes %s workers", record.url, record.role,
-                        " and ".join(allowed))
-            return
         spec = WorkerSpec(record.url, record.role, record.bootstrap_port if record.role == "prefill" else None)
         existing = self.registry.get(spec.url)
         if existing is not None:
             if existing.spec == spec or spec.url not in self.discovered:
                 return  # known already (or listed on the command line, which wins)
-            self.registry.remove(spec.url)
-        w = self.registry.add(spec)
+            self._undiscovered(spec.url)
+        try:
+            w = self.registry.add(spec)  # refuses a role this router's mode does not take
+        except ValueError as e:
+            logger.info("discovery: ignoring %s: %s", record.url, e)
+            return
         self.discovered.add(spec.url)
         logger.info("discovery: %s (%s) joined", spec.url, spec.role)
         if self.config.health.enabled:
