@@ -106,8 +106,9 @@ def test_datasets_lengths_and_seed(tokenizer):
     assert a == b and len(a) == 50
     assert all(20 <= s.prompt_len <= 40 and 5 <= s.output_len <= 10 for s in a)
     assert len({s.prompt_len for s in a}) > 5
-    # Each word is one token after a space, so a prompt of N words is N tokens for the default model.
+    # Each word is one token after a space and at a prompt's start, so N words are N tokens for the default model.
     assert all(len(tokenizer.encode(" " + w, add_special_tokens=False)) == 1 for w in WORDS)
+    assert all(len(tokenizer.encode(w, add_special_tokens=False)) == 1 for w in WORDS)
     assert len(tokenizer.encode(a[0].prompt, add_special_tokens=False)) == a[0].prompt_len
 
     sp = BenchConfig(dataset="shared-prefix", num_groups=3, prompts_per_group=4, system_prompt_len=50,

@@ -1,8 +1,9 @@
 """Synthetic workloads: random prompts, shared-prefix groups, and the decode/long-prompt interference mix.
 
 Prompts are random words from a list of common English words that BPE tokenizers (Llama, SmolLM2, GPT-2
-families) encode as one token each when preceded by a space, so N words are about N prompt tokens without
-needing the server's tokenizer. The real counts come from the server's `usage` and replace these estimates.
+families) encode as one token each, both after a space and at the start of a prompt (words such as "mountain"
+that split there are left out), so N words are N prompt tokens for the default model without needing the
+server's tokenizer. The real counts come from the server's `usage` and replace these estimates.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ the of and to in is was for on that with as by at from his it an were are which 
 their its new after but who they two her have she been other when time all during there into year also more only
 three world city over most used between some school many would may later while where states about him under
 national film season these four can part known then team best both before number being through each early well
-years high called including since life united music work back great game because such war second state five group
+years high called including since life music work back great game because such war second state five group
 general area series family name day make way long people company public country small water light house river power
 field law form line book land place sun color story food room order point word hand money road body tree star ship
-king moon fire stone paper table window garden mountain forest bird fish horse dog cat green blue red black white
-gold silver dark bright open close north south east west left right old young good short little large big strong
+king moon fire stone paper table window forest bird fish horse dog cat green blue red black white
+gold dark bright open close north south east west left right old young good short little large big strong
 free full hard simple clear true real human local final major common special
 """.split())
 
