@@ -56,6 +56,8 @@ class EngineConfig:
     # PD: the prefill sends a checksum of each prompt's KV; the decode checks what landed and fails a corrupted
     # request (both sides must have the same TP layout; others are not checked).
     kv_checksum: bool = False
+    # PD prefill first (vLLM's protocol): how long a prefill keeps an answered request's KV for its decode.
+    kv_lease_s: float = 120.0
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
@@ -79,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
+        if not self.kv_lease_s > 0:
+            raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
         if self.prefill_layer_slices < 1:
             raise ValueError(f"prefill_layer_slices must be >= 1, got {self.prefill_layer_slices}")
         if self.schedule_policy not in SCHEDULE_POLICIES:

@@ -84,10 +84,13 @@ def decode_record(value: bytes) -> WorkerRecord | None:
     return record
 
 
+def advertised_host(host: str) -> str:
+    """The host others reach a server at: its bind host, or this machine's name when it binds every address."""
+    return socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+
+
 def advertised_url(host: str, port: int) -> str:
-    """The URL others reach a server at: its bind host, or this machine's name when it binds every address."""
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
+    host = advertised_host(host)
     return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 

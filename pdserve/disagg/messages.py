@@ -25,6 +25,9 @@ class BootstrapInfo:
     port: int | None
     room: int
     prefill_dp_rank: int | None = None  # SMG's disagg_prefill_dp_rank (a decode: where the prefill has the room)
+    # A prefill: vLLM's prefill-first protocol (kv_transfer_params.do_remote_decode): compute and answer at once,
+    # then hold the KV under a lease until the decode's destination for the room arrives.
+    hold_kv: bool = False
 
 
 Size = Annotated[int, msgspec.Meta(ge=1, le=4096)]

@@ -13,6 +13,11 @@ Lifecycle of one request on a prefill server:
    the decode's memory through the transfer engine (TRANSFERRING), polled every step.
 5. SUCCESS or FAILED: TransferDone goes to the decode, the KV slots are released (into the prefix cache)
    and the one-token HTTP answer is emitted (with the error on failure).
+Prefill first (vLLM's protocol, kv_transfer_params.do_remote_decode; BootstrapInfo.hold_kv): the request enters
+the scheduler at once without a destination (WAITING_FOR_INPUT), is answered when computed, and its KV is held
+(KV_HELD) for --kv-lease-duration; the decode's KVDestination for the room then starts step 4 as above (the
+decode pulls: it names where, the prefill writes). A lease that runs out frees the KV; a later destination hears
+TransferDone(ok=False) naming the lease.
 Abort (client disconnect, /abort_request, AbortRoom from the decode) is honoured in every state, and every
 state has a deadline: BOOTSTRAPPING SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT, WAITING_FOR_INPUT
 SGLANG_DISAGGREGATION_WAITING_TIMEOUT, TRANSFERRING PDSERVE_TRANSFER_TIMEOUT (the write is abandoned). Whatever
@@ -93,6 +98,9 @@ class PrefillEngine:
         self.transferring: dict[str, Request] = {}  # rid -> request whose KV is being written
         self.peers: dict[str, DecodePeer] = {}  # decode agent name -> what it registered
         self.waiting_input: dict[int, Request] = {}  # room -> destination known, KV not computed yet
+        self.held: dict[str, Request] = {}  # rid -> prefill first: answered, KV held for its decode (KV_HELD)
+        self.num_held_total = 0  # prefill-first requests answered (their KV held for a decode)
+        self.num_leases_expired = 0
         self._next_peer_sweep = 0.0
         self.room_rid: dict[int, str] = {}  # every live PD request
         # Rooms that failed before their decode's destination arrived: told when it does (else it would wait
@@ -132,6 +140,11 @@ class PrefillEngine:
         g = replace(g, sampling=g.sampling.with_max_new_tokens(1))
         self.engine.add_request(g)
         req = self.engine.requests[g.rid]
+        if g.bootstrap.hold_kv:  # prefill first: computed now (no destination yet), held for the decode after
+            req.disagg = RoomState(room, TransferState.WAITING_FOR_INPUT, now() + ENVS.disagg_waiting_timeout_s)
+            self.waiting_input[room] = req
+            self.room_rid[room] = g.rid
+            return
         self.engine.scheduler.waiting.remove(req)  # enters the scheduler once its destination is known
         req.disagg = RoomState(room, TransferState.BOOTSTRAPPING, now() + ENVS.disagg_bootstrap_timeout_s)
         self.bootstrapping[room] = req
@@ -142,6 +155,9 @@ class PrefillEngine:
     def abort(self, rid: str, reason: str = "aborted", by_client: bool = True) -> RequestOutput | None:
         """by_client: the client gave up (the engine loop's AbortRequest), not a PD failure."""
         req = self.engine.requests.get(rid) or self.transferring.get(rid)
+        if rid in self.held:
+            self._release_held(self.held.pop(rid), f"aborted: {reason}")
+            return None  # answered already
         if req is None:
             return None
         st: RoomState = req.disagg
@@ -167,15 +183,20 @@ class PrefillEngine:
         outs = self._handle_control()
         outs += self._expire_bootstrapping()
         outs += self._expire_waiting_input()
+        self._expire_held()
         step_start = now()
         for o in self.engine.step():
             req = self.transferring.get(o.rid)
             if req is not None:
                 req.disagg.held_output = o  # emitted when the transfer ends
             else:
-                if o.finish_reason is not None:
+                if o.finish_reason is not None and o.rid not in self.held:
                     self._forget_rid(o.rid)
                 outs.append(o)
+        for rid, req in list(self.held.items()):  # prefill first: destinations that came while it computed
+            early = self.destinations.pop(req.disagg.room, None)
+            if early is not None:
+                self._claim(req, early[0])
         self._stream_chunks()
         outs += self._poll_transfers()
         return outs + self._await_fresh_writes(step_start)
@@ -197,6 +218,8 @@ class PrefillEngine:
         pd = replace(self.link.stats, num_prefill_prealloc_queue_reqs=len(self.bootstrapping),
                      num_prefill_inflight_queue_reqs=len(self.transferring))
         return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
+                                 "kv_held_reqs": len(self.held), "kv_held_total": self.num_held_total,
+                                 "kv_leases_expired": self.num_leases_expired,
                                  "kv_transfers_staged": self.num_staged,
                                  "kv_chunks_streamed": self.num_streamed_chunks},
                        stats=replace(r.stats, pd=pd) if r.stats is not None else None)
@@ -230,9 +253,12 @@ class PrefillEngine:
             if peer is not None:
                 peer.seen = now()
             req = self.bootstrapping.get(msg.room)
+            held = self.held.get(self.room_rid.get(msg.room, ""))
             failed = self.failed_rooms.pop(msg.room, None) if req is None else None
             refused = peer.refused if peer is not None else None
-            if req is not None:
+            if held is not None:
+                self._claim(held, msg)
+            elif req is not None:
                 self._attach(req, msg)  # checks the destination (and fails the room on a refused peer)
             elif refused is not None or failed is not None:
                 self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
@@ -242,7 +268,11 @@ class PrefillEngine:
         elif isinstance(msg, AbortRoom):
             dest = self.destinations.pop(msg.room, None)
             rid = self.room_rid.get(msg.room)
-            if rid is not None:
+            if rid in self.held:  # prefill first: nothing written yet; free the KV and say so
+                self._release_held(self.held.pop(rid), f"decode aborted: {msg.reason}")
+                self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
+                                                           error="the decode aborted the room"))
+            elif rid is not None:
                 out = self.abort(rid, f"decode aborted: {msg.reason}", by_client=False)  # tells it once safe
                 return [] if out is None else [out]
             # Not a live request here: nothing will be written; say so, so the decode frees the destination.
@@ -332,6 +362,20 @@ class PrefillEngine:
         st: RoomState = req.disagg
         st.extra["bootstrap_s"] = now() - req.arrival_time
         self.bootstrapping.pop(st.room, None)
+        err = self._take_destination(req, dest)
+        if err:  # failed by this step's expiry pass
+            self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=err))
+            st.extra["fail_now"], st.deadline = err, 0.0
+            self.bootstrapping[st.room] = req
+            return
+        st.deadline = now() + ENVS.disagg_waiting_timeout_s
+        self.waiting_input[st.room] = req
+        self.engine.scheduler.add(req)
+
+    def _take_destination(self, req: Request, dest: KVDestination) -> str | None:
+        """Check a decode's destination for the room against this request and the decode's registered memory and
+        record it (WAITING_FOR_INPUT); why it cannot take the KV (None: it can)."""
+        st: RoomState = req.disagg
         peer = self.peers.get(dest.decode_agent)
         err = peer.refused if peer is not None else None
         agent = peer.agent if peer is not None else None
@@ -348,17 +392,56 @@ class PrefillEngine:
         elif err is None and not self._fits(agent, dest, slots):
             err = "the destination lies outside the decode's registered memory"
         st.peer, st.nonce = dest.decode_agent, dest.nonce
-        if err:  # failed by this step's expiry pass
-            self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=err))
-            st.extra["fail_now"], st.deadline = err, 0.0
-            self.bootstrapping[st.room] = req
+        if err is None:
+            st.dst_slots, st.meta_row = slots, dest.meta_row
+            st.extra["dst_stage"] = dest.stage_start
+            st.state = TransferState.WAITING_FOR_INPUT
+        return err
+
+    # ---- prefill first (vLLM's protocol) ------------------------------------------------------------------
+    def _hold(self, req: Request) -> bool:
+        """Finish hook of a prefill-first request: it is answered now; its KV is kept for the decode (True)."""
+        st: RoomState = req.disagg
+        self.waiting_input.pop(st.room, None)
+        st.state, st.deadline = TransferState.KV_HELD, now() + self.engine.config.kv_lease_s
+        st.extra["answered"] = True  # the KV's later write emits nothing
+        self.held[req.rid] = req
+        self.num_held_total += 1
+        return True
+
+    def _claim(self, req: Request, dest: KVDestination) -> None:
+        """The decode's destination for a held room arrived: write the KV there (the decode pulls), or tell it why
+        not and free the KV."""
+        del self.held[req.rid]
+        st: RoomState = req.disagg
+        err = self._take_destination(req, dest)
+        if err is None:
+            if self._start_transfer(req):
+                return
+            self._release_held(req, req.error or "the KV transfer could not start")  # _refuse told the decode
             return
-        st.dst_slots, st.meta_row = slots, dest.meta_row
-        st.extra["dst_stage"] = dest.stage_start
-        st.state = TransferState.WAITING_FOR_INPUT
-        st.deadline = now() + ENVS.disagg_waiting_timeout_s
-        self.waiting_input[st.room] = req
-        self.engine.scheduler.add(req)
+        self.link.stats.count_failure(in_bootstrap=False)
+        self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=err))
+        self._release_held(req, err)
+
+    def _expire_held(self) -> None:
+        t = now()
+        for rid, req in list(self.held.items()):
+            st: RoomState = req.disagg
+            if t >= st.deadline:
+                del self.held[rid]
+                self.num_leases_expired += 1
+                reason = (f"the prefill's KV lease for room {st.room} ran out: no decode claimed it within "
+                          f"{self.engine.config.kv_lease_s:g} s (--kv-lease-duration)")
+                self.failed_rooms[st.room] = (reason, t)  # a late decode hears it at once
+                self._release_held(req, reason)
+
+    def _release_held(self, req: Request, reason: str) -> None:
+        st: RoomState = req.disagg
+        logger.info("room %d: held KV freed: %s", st.room, reason)
+        st.state = TransferState.FAILED
+        self.room_rid.pop(st.room, None)
+        self.engine.scheduler.kv.release(req)
 
     def _fits(self, agent: AgentInfo, dest: KVDestination, slots: tuple[int, ...]) -> bool:
         """Every slot and the metadata row inside the regions the decode registered."""
@@ -412,7 +495,11 @@ class PrefillEngine:
             return False
         n = len(req.prompt_ids)
         if (req.finish_reason == "abort" or st.state is not TransferState.WAITING_FOR_INPUT
-                or req.num_computed_tokens < n or len(st.dst_slots) != n):
+                or req.num_computed_tokens < n):
+            return self._drain(req)
+        if st.peer is None:  # prefill first: no destination yet
+            return self._hold(req)
+        if len(st.dst_slots) != n:
             return self._drain(req)
         row = self.link.meta.alloc()
         if row is None:
@@ -575,7 +662,8 @@ class PrefillEngine:
                 self.link.meta.free(row)
                 self.engine.scheduler.kv.release(req)
                 self.room_rid.pop(st.room, None)
-                outs.append(st.held_output or self.engine.make_output(req))
+                if not st.extra.get("answered"):  # prefill first: answered when it was computed
+                    outs.append(st.held_output or self.engine.make_output(req))
             else:
                 if row is not None:
                     self.link.meta.free(row)

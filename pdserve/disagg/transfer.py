@@ -25,6 +25,7 @@ class TransferState(enum.Enum):
     FAILED = "failed"
     BOOTSTRAPPING = "bootstrapping"  # peer not known yet / destination not received
     WAITING_FOR_INPUT = "waiting_for_input"  # destination known, KV not computed yet (or not sent yet)
+    KV_HELD = "kv_held"  # prefill first (vLLM's protocol): computed and answered, KV kept under a lease for the decode
     TRANSFERRING = "transferring"
     SUCCESS = "success"
 

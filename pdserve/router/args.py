@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.router.config import (
-    DEFAULT_BOOTSTRAP_PORT, LOG_LEVELS, POLICIES, BreakerConfig, CacheAwareConfig, HealthConfig, RetryConfig,
+    DEFAULT_BOOTSTRAP_PORT, DISPATCH_STYLES, LOG_LEVELS, POLICIES, BreakerConfig, CacheAwareConfig, HealthConfig, RetryConfig,
     RouterConfig, WorkerSpec,
 )
 
@@ -36,6 +36,11 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--discovery", default=None, metavar="etcd://HOST:PORT[/PREFIX]",
                    help="take workers from etcd, where servers started with the same --discovery register; they "
                         "join and leave at run time (beside any listed here)")
+    g.add_argument("--dispatch", default=_R.dispatch, choices=DISPATCH_STYLES,
+                   help="PD: parallel (SGLang's: prefill and decode at once, meeting at a bootstrap room), "
+                        "prefill-first (vLLM's: the prefill answers kv_transfer_params, which the decode request "
+                        "carries to claim the KV; OpenAI routes, one sequence; else parallel), decode-first "
+                        "(Dynamo's order: the decode is picked and sent first, then the prefill)")
     g.add_argument("--disable-decode-fallback", action="store_true",
                    help="PD: fail requests while no prefill is healthy instead of letting a decode prefill them")
 
@@ -111,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
         encode_urls=tuple(u.rstrip("/") for u in args.encode), decode_fallback=not args.disable_decode_fallback,
+        dispatch=args.dispatch,
         discovery=args.discovery, migration_limit=args.migration_limit,
         stream_stall_timeout_s=args.stream_stall_timeout_secs or None,
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,

@@ -8,6 +8,10 @@ from urllib.parse import urlsplit
 
 ROLES = ("prefill", "decode", "regular")
 POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+# PD dispatch styles: parallel (SGLang's: both legs at once, meeting at the bootstrap room), prefill-first (vLLM's:
+# the prefill answers kv_transfer_params, the decode request carries them and claims the KV), decode-first
+# (Dynamo's order: the decode is picked and sent first, then the prefill).
+DISPATCH_STYLES = ("parallel", "prefill-first", "decode-first")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEFAULT_BOOTSTRAP_PORT = 8998
 
@@ -140,6 +144,7 @@ class RouterConfig:
     log_level: str = "info"
     encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
     decode_fallback: bool = True  # PD: with no healthy prefill, a decode prefills the request itself
+    dispatch: str = "parallel"  # PD: one of DISPATCH_STYLES
     discovery: str | None = None  # etcd://HOST:PORT[/PREFIX]: workers come and go as they register there
     # Stream migration: a stream whose worker dies, or sends nothing for stream_stall_timeout_s, continues on
     # another worker (pair) from the tokens already sent, at most migration_limit times (0: off).
@@ -162,6 +167,7 @@ class RouterConfig:
         _check(self.request_timeout_s > 0 and self.connect_timeout_s > 0, "timeouts must be > 0")
         _check(self.max_payload_size >= 1024, f"max payload size must be >= 1024, got {self.max_payload_size}")
         _check(self.api_key is None or bool(self.api_key), "api key must not be empty")
+        _check(self.dispatch in DISPATCH_STYLES, f"dispatch must be one of {DISPATCH_STYLES}, got {self.dispatch!r}")
         _check(self.migration_limit >= 0, f"migration limit must be >= 0, got {self.migration_limit}")
         _check(self.stream_stall_timeout_s is None or self.stream_stall_timeout_s > 0,
                f"stream stall timeout must be > 0, got {self.stream_stall_timeout_s}")

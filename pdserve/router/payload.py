@@ -92,6 +92,32 @@ def inject_bootstrap(body: dict, host: str, port: int | None, batch: int | None)
     return orjson.dumps(body)
 
 
+def kv_transferable(kind: str, body: dict) -> bool:
+    """A request that prefill-first dispatch (vLLM's kv_transfer_params) can carry: one OpenAI sequence."""
+    if kind not in (COMPLETIONS, CHAT) or body.get("n") not in (None, 1):
+        return False
+    prompt = body.get("prompt")
+    return not (isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) > 1)
+
+
+def prefill_first_body(body: dict) -> bytes:
+    """The prefill's leg of prefill-first dispatch: one token, not streamed, keeping its KV for the decode."""
+    out = {k: v for k, v in body.items()
+           if k not in ("stream_options", "max_completion_tokens", "min_tokens", "kv_transfer_params")}
+    out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    return orjson.dumps(out)
+
+
+def kv_transfer_answer(raw: bytes) -> dict | None:
+    """The kv_transfer_params of a prefill's answer (where the decode claims the KV); None if it has none."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+    return params if isinstance(params, dict) and params.get("do_remote_prefill") is True else None
+
+
 def wants_input_logprobs(kind: str, body: dict) -> bool:
     """A /generate request whose input logprobs come from the prefill (the decode does not compute them)."""
     if kind != GENERATE:

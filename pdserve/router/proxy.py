@@ -1,7 +1,8 @@
 """Proxying: pick a worker (pair), send, relay the answer, retry on another one while nothing reached the client.
 
-PD mode sends the same body (with bootstrap fields) to a prefill and a decode at once and answers with the
-decode's response. Both legs run as tasks; when the prefill fails, a done-callback cancels the decode leg (or
+PD mode (--dispatch parallel, SGLang's) sends the same body (with bootstrap fields) to a prefill and a decode at
+once and answers with the decode's response; decode-first sends the decode's leg before the prefill's;
+prefill-first (vLLM's) waits for the prefill's one-token answer and sends the decode its kv_transfer_params. Both legs run as tasks; when the prefill fails, a done-callback cancels the decode leg (or
 closes its connection while relaying), and when the decode fails, the prefill leg is cancelled: no leg waits for
 a timeout. Closing an upstream connection makes the worker abort the request. Upstream requests go through
 upstream.UpstreamClient (keep-alive pools; aiohttp's client cost several times the CPU per request)."""
@@ -250,13 +251,19 @@ class Proxy:
             return None, self.decode_policy.select(ds, text)
         if not ps:
             raise Failure.message(503, "no healthy prefill worker available", "no_workers", False)
+        if self.config.dispatch == "decode-first":
+            decode = self.decode_policy.select(ds, text)
+            return self.prefill_policy.select(fresh or ps, text), decode
         return self.prefill_policy.select(fresh or ps, text), self.decode_policy.select(ds, text)
 
     # ---- one attempt -----------------------------------------------------------------------------------
     async def _attempt(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
                        prefill: Worker | None, worker: Worker, mig: _Migration | None = None) -> web.StreamResponse:
         data = raw
-        if prefill is not None:
+        if (prefill is not None and self.config.dispatch == "prefill-first"
+                and payload.kv_transferable(ep.kind, body)):  # type: ignore[arg-type]
+            data, prefill = await self._prefill_first(prefill, ep, body), None  # type: ignore[arg-type]
+        elif prefill is not None:
             assert body is not None
             data = payload.inject_bootstrap(body, prefill.bootstrap_host, prefill.bootstrap_port,
                                             payload.batch_size(ep.kind, body))
@@ -277,8 +284,11 @@ class Proxy:
                 resp, chunk, streaming = await link.d_task
                 link.d_task = None
             else:
+                if self.config.dispatch == "decode-first":
+                    link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
                 p_task = asyncio.ensure_future(self._prefill_leg(prefill, ep.path, data))
-                link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
+                if link.d_task is None:
+                    link.d_task = asyncio.ensure_future(self._head(worker, ep.path, data))
                 p_task.add_done_callback(link.on_prefill_done)
                 if mig is not None:
                     await self._watch_head(link.d_task, p_task, worker)
@@ -320,6 +330,18 @@ class Proxy:
                 else:
                     p_task.cancel()
                     await asyncio.gather(p_task, return_exceptions=True)
+
+    async def _prefill_first(self, prefill: Worker, ep: Endpoint, body: dict) -> bytes:
+        """vLLM's dispatch: the prefill computes the prompt and answers one token with kv_transfer_params (its KV
+        is held for the decode); the decode's body carries them. Failure if the prefill fails or names no KV."""
+        answer = await self._prefill_leg(prefill, ep.path, payload.prefill_first_body(body))
+        params = payload.kv_transfer_answer(answer)
+        if params is None:
+            self.registry.record(prefill, False, "no kv_transfer_params")
+            raise Failure.message(502, f"prefill worker {prefill.url} answered without kv_transfer_params "
+                                       "(not a prefill server speaking vLLM's protocol?)", "upstream_5xx", True,
+                                  (prefill,))
+        return orjson.dumps({**body, "kv_transfer_params": params})
 
     async def _watch_head(self, d_task: asyncio.Task, p_task: asyncio.Task | None, decode: Worker) -> None:
         """Before a migratable stream's first byte: fail the attempt (to be retried on another pair) when its

@@ -94,6 +94,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-kv-checksum", action="store_true",
                    help="prefill: send a CRC-32 of each prompt's KV with its TransferDone; decode: check the KV that "
                         "landed against it and fail a corrupted request (same TP layout on both sides)")
+    g.add_argument("--kv-lease-duration", type=float, default=_ENGINE.kv_lease_s,
+                   help="prefill, vLLM's prefill-first protocol (kv_transfer_params.do_remote_decode): seconds an "
+                        "answered request's KV is kept for its decode to claim; then it is freed and a late decode "
+                        "fails cleanly")
     g.add_argument("--disaggregation-auth-token", default=ENVS.disagg_auth_token or None,
                    help="shared secret of the deployment: signs control frames between servers and authorises "
                         "bootstrap writes (default: PDSERVE_DISAGGREGATION_AUTH_TOKEN; required off loopback)")
@@ -146,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ib_device=args.disaggregation_ib_device,
         host=args.host,
         auth_token=args.disaggregation_auth_token, kv_checksum=args.disaggregation_kv_checksum,
+        kv_lease_s=args.kv_lease_duration,
         tp_size=args.tp_size,
         dp_size=args.dp_size,
         dist_init_addr=args.dist_init_addr,

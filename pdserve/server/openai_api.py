@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -65,9 +66,21 @@ def _bootstrap_of(common: OpenAICommon, index: int, num_choices: int) -> Bootstr
     return common.bootstrap_per_choice[index]
 
 
+@dataclass(frozen=True)
+class PDRole:
+    """This server's place in PD: what vLLM's kv_transfer_params need."""
+
+    mode: str = "null"  # --disaggregation-mode
+    bootstrap_host: str = ""  # a prefill's bootstrap server, as others reach it
+    bootstrap_port: int = 0
+    engine_id: str = ""
+    tp_size: int = 1
+
+
 class OpenAIServing:
     def __init__(self, gen: GenerationService, encoder: PromptEncoder, served_model_name: str, strict_model: bool,
-                 mm: MultimodalFront | None = None, aliases: tuple[str, ...] = ()):
+                 mm: MultimodalFront | None = None, aliases: tuple[str, ...] = (), pd: PDRole = PDRole()):
+        self.pd = pd
         self.mm = mm
         self.gen = gen
         self.encoder = encoder
@@ -97,6 +110,7 @@ class OpenAIServing:
             sampling = sampling.with_max_new_tokens(default_max)
         base = common.rid or self.gen.new_rid()
         total = len(prompts) * common.n
+        kv_bootstrap = self._kv_transfer_bootstrap(common, total) if common.kv_transfer is not None else None
         if common.resume_ids and total > 1:
             raise BadRequestError("resume_output_ids continues one sequence: give one prompt and n = 1",
                                   param="resume_output_ids")
@@ -108,10 +122,39 @@ class OpenAIServing:
                     rid=base if total == 1 else f"{base}-{index}", input_ids=ids,
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
-                    bootstrap=_bootstrap_of(common, index, total), mm=mm, routed_dp_rank=common.routed_dp_rank,
+                    bootstrap=kv_bootstrap or _bootstrap_of(common, index, total), mm=mm, routed_dp_rank=common.routed_dp_rank,
                     resume_ids=common.resume_ids,
                 )))
         return choices
+
+    def _kv_transfer_bootstrap(self, common: OpenAICommon, total: int) -> BootstrapInfo:
+        """vLLM's PD protocol: a prefill (do_remote_decode) holds the KV under a fresh room; a decode
+        (do_remote_prefill) claims it from the prefill its params name."""
+        kvt = common.kv_transfer
+        assert kvt is not None
+        flag, want = ("do_remote_decode", "prefill") if kvt.do_remote_decode else ("do_remote_prefill", "decode")
+        if self.pd.mode != want:
+            raise BadRequestError(f"kv_transfer_params.{flag} needs a {want} server (--disaggregation-mode {want}); "
+                                  f"this server's mode is {self.pd.mode!r}", param="kv_transfer_params")
+        if total != 1 or common.bootstrap is not None or common.bootstrap_per_choice:
+            raise BadRequestError("kv_transfer_params takes one prompt, n = 1 and no bootstrap_* fields",
+                                  param="kv_transfer_params")
+        if kvt.do_remote_prefill:
+            return BootstrapInfo(kvt.remote_host, kvt.remote_port, kvt.remote_bootstrap_room)  # type: ignore[arg-type]
+        if common.stream:
+            raise BadRequestError("kv_transfer_params.do_remote_decode is answered with kv_transfer_params in one "
+                                  "JSON body: send it with stream false", param="stream")
+        return BootstrapInfo(None, None, secrets.randbits(63), hold_kv=True)
+
+    def _kv_transfer_answer(self, choices: Sequence[_Choice]) -> dict[str, object]:
+        """A prefill-first answer's kv_transfer_params: where the decode claims the KV (vLLM's names)."""
+        b = choices[0].input.bootstrap
+        if b is None or not b.hold_kv:
+            return {}
+        return {"kv_transfer_params": {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.pd.engine_id,
+            "remote_host": self.pd.bootstrap_host, "remote_port": self.pd.bootstrap_port,
+            "remote_bootstrap_room": b.room, "tp_size": self.pd.tp_size}}
 
     # ---- /v1/completions --------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
@@ -145,6 +188,7 @@ class OpenAIServing:
             "id": rid, "object": "text_completion", "created": created, "model": self.model_name, "choices": out,
             "usage": _usage(prompts, choices, [r.completion_tokens for r in results],
                             [r.cached_tokens for r in results]),
+            **self._kv_transfer_answer(choices),
         })
 
     async def _completion_events(self, req: CompletionRequest, choices: list[_Choice], streams: list,
@@ -246,6 +290,7 @@ class OpenAIServing:
             "id": rid, "object": "chat.completion", "created": created, "model": self.model_name, "choices": out,
             "usage": _usage([prompt], choices, [r.completion_tokens for r in results],
                             [r.cached_tokens for r in results]),
+            **self._kv_transfer_answer(choices),
         })
 
     async def _chat_events(self, req: ChatCompletionRequest, choices: list[_Choice], streams: list,

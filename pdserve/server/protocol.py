@@ -274,6 +274,38 @@ class OpenAICommon:
     routed_dp_rank: int | None = None  # the data parallel replica asked for (routed_dp_rank / data_parallel_rank)
     return_token_ids: bool = False  # vLLM's: each choice (and stream delta) also carries its token ids
     resume_ids: tuple[int, ...] = ()  # resume_output_ids: a migrated stream's tokens so far (n = 1 only)
+    kv_transfer: KVTransferParams | None = None  # vLLM's PD protocol
+
+
+@dataclass(frozen=True)
+class KVTransferParams:
+    """vLLM's `kv_transfer_params` (NixlConnector's names). A prefill gets do_remote_decode and answers with
+    do_remote_prefill plus where its KV waits; the decode gets that answer's params and claims the KV."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+    remote_host: str | None = None  # the prefill's bootstrap server
+    remote_port: int | None = None
+    remote_bootstrap_room: int | None = None  # pdserve's: the room the prefill holds the KV under
+
+
+def kv_transfer_params(body: dict) -> KVTransferParams | None:
+    params = _get_dict(body, "kv_transfer_params")
+    if not params:
+        return None
+    out = KVTransferParams(_get_bool(params, "do_remote_decode"), _get_bool(params, "do_remote_prefill"),
+                           _get_str(params, "remote_host"), _get_int(params, "remote_port"),
+                           _get_int(params, "remote_bootstrap_room"))
+    if out.do_remote_decode and out.do_remote_prefill:
+        raise BadRequestError("kv_transfer_params: do_remote_decode and do_remote_prefill exclude each other",
+                              param="kv_transfer_params")
+    if out.do_remote_prefill and (not out.remote_host or out.remote_port is None or out.remote_bootstrap_room is None):
+        raise BadRequestError("kv_transfer_params.do_remote_prefill needs remote_host, remote_port and "
+                              "remote_bootstrap_room: pass the prefill's answered kv_transfer_params unchanged",
+                              param="kv_transfer_params")
+    if out.do_remote_prefill:
+        bootstrap_info(out.remote_host, out.remote_port, out.remote_bootstrap_room)  # range checks
+    return out if out.do_remote_decode or out.do_remote_prefill else None
 
 
 def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
@@ -315,7 +347,8 @@ def _openai_common(body: dict, max_token_keys: tuple[str, ...]) -> OpenAICommon:
         raise BadRequestError("resume_output_ids needs n = 1", param="resume_output_ids")
     return OpenAICommon(model, n, stream, include_usage, sampling, max_tokens, _rid_entry(body, "rid"), bootstrap,
                         per_choice, body.get("epd"), routed_dp_rank=dp_rank,
-                        return_token_ids=_get_bool(body, "return_token_ids"), resume_ids=resume_ids)
+                        return_token_ids=_get_bool(body, "return_token_ids"), resume_ids=resume_ids,
+                        kv_transfer=kv_transfer_params(body))
 
 
 _BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room", "disagg_prefill_dp_rank")

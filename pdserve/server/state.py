@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pdserve import __version__
-from pdserve.config import ServerConfig
+from pdserve.config import EngineConfig, ServerConfig
+from pdserve.discovery import advertised_host
 from pdserve.model.loader import model_display_name
 from pdserve.sampling_params import SamplingParams
 from pdserve.epd.front import MultimodalFront
@@ -18,7 +19,7 @@ from pdserve.server.loads import checkpoint_bytes
 from pdserve.server.generation import GenerationService, GenInput, GenResult, collect
 from pdserve.server.metrics import ServerMetrics, engine_type_of
 from pdserve.server.native_api import NativeServing
-from pdserve.server.openai_api import OpenAIServing
+from pdserve.server.openai_api import OpenAIServing, PDRole
 from pdserve.server.tokenization import PromptEncoder
 
 if TYPE_CHECKING:
@@ -87,10 +88,17 @@ def build_state(config: ServerConfig, client: "EngineClient | DataParallelClient
         config=config, client=client, served_model_name=served, model_path=model_path, metrics=metrics,
         encoder=encoder, gen=gen, native=NativeServing(gen, encoder, mm),
         openai=OpenAIServing(gen, encoder, served, strict_model=config.engine.model.served_model_name is not None,
-                             mm=mm, aliases=(model_path, config.engine.model.model_path or model_path)),
+                             mm=mm, aliases=(model_path, config.engine.model.model_path or model_path),
+                             pd=pd_role(config.engine)),
         drain=Drain(gen, config.drain_timeout_s),
         weight_bytes=checkpoint_bytes(client.resolved.hf_dir),
     )
+
+
+def pd_role(eng: EngineConfig) -> PDRole:
+    host = advertised_host(eng.host)
+    return PDRole(eng.disaggregation_mode, host, eng.bootstrap_port,
+                  eng.instance_id or f"{host}:{eng.bootstrap_port}", eng.tp_size)
 
 
 def server_info(state: ServerState) -> dict[str, object]:

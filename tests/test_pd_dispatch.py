@@ -1,0 +1,173 @@
+"""PD dispatch styles (issue 19): vLLM's prefill-first protocol on pdserve servers (kv_transfer_params, the KV
+held under a lease until the decode claims it) and the router's --dispatch {parallel, prefill-first,
+decode-first}. Real servers, the nixl backend, the real model."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.engine_helpers import PROMPTS
+from tests.pd_helpers import load, start_decode, start_prefill, stop_all
+from tests.test_pd import wait_idle_and_free
+from tests.test_router import Cluster, router
+
+BACKEND = "nixl"
+MAX_NEW = 12
+LEASE_S = 4.0
+
+
+def completion(prompt: str, max_tokens: int = MAX_NEW, **extra) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True, **extra}
+
+
+@pytest.fixture(scope="module")
+def unified_ids(server):
+    """Greedy completion token ids of the unified server for every prompt."""
+    out = {}
+    for p in PROMPTS:
+        r = httpx.post(server.base_url + "/v1/completions", json=completion(p), timeout=120)
+        assert r.status_code == 200, r.text
+        out[p] = r.json()["choices"][0]["token_ids"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair():
+    prefill = start_prefill(BACKEND, ["--kv-lease-duration", str(LEASE_S)])
+    try:
+        decode = start_decode(BACKEND)
+    except Exception:
+        stop_all(prefill)
+        raise
+    yield prefill, decode
+    stop_all(prefill, decode)
+
+
+def prefill_first(prefill, prompt: str) -> dict:
+    """vLLM's first leg: one token, not streamed; the answer says where the KV waits."""
+    r = httpx.post(prefill.server.base_url + "/v1/completions", timeout=120,
+                   json=completion(prompt, 1, kv_transfer_params={"do_remote_decode": True}))
+    assert r.status_code == 200, r.text
+    params = r.json()["kv_transfer_params"]
+    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+    assert params["remote_port"] == prefill.bootstrap_port and params["remote_host"] == "127.0.0.1"
+    assert isinstance(params["remote_bootstrap_room"], int) and params["remote_engine_id"]
+    return params
+
+
+def test_prefill_first_protocol_equals_unified(pair, unified_ids):
+    prefill, decode = pair
+    for p in PROMPTS:
+        params = prefill_first(prefill, p)
+        assert load(prefill.server)["kv_held_reqs"] == 1  # answered, KV held for the decode
+        r = httpx.post(decode.base_url + "/v1/completions", json=completion(p, kv_transfer_params=params),
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == unified_ids[p], p
+        assert "kv_transfer_params" not in r.json()
+    assert load(prefill.server)["kv_held_reqs"] == 0
+    wait_idle_and_free(prefill.server, decode)
+
+
+def test_prefill_first_chat_streamed(pair):
+    prefill, decode = pair
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = httpx.post(prefill.server.base_url + "/v1/chat/completions", timeout=120, json={
+        "messages": messages, "max_tokens": 1, "temperature": 0, "kv_transfer_params": {"do_remote_decode": True}})
+    assert r.status_code == 200, r.text
+    params = r.json()["kv_transfer_params"]
+    body = {"messages": messages, "max_tokens": 8, "temperature": 0, "stream": True, "kv_transfer_params": params}
+    with httpx.stream("POST", decode.base_url + "/v1/chat/completions", json=body, timeout=120) as s:
+        assert s.status_code == 200
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                   if json.loads(e)["choices"])
+    assert text.strip()
+    wait_idle_and_free(prefill.server, decode)
+
+
+def test_lease_expiry_frees_the_kv_and_the_late_decode_fails_cleanly(pair):
+    prefill, decode = pair
+    expired = load(prefill.server)["kv_leases_expired"]
+    params = prefill_first(prefill, PROMPTS[0])
+    deadline = time.monotonic() + LEASE_S + 30
+    while load(prefill.server)["kv_held_reqs"]:
+        assert time.monotonic() < deadline, "the lease did not run out"
+        time.sleep(0.2)
+    assert load(prefill.server)["kv_leases_expired"] == expired + 1
+    wait_idle_and_free(prefill.server)  # its KV went back (into the cache, freed by the flush)
+    t0 = time.monotonic()
+    r = httpx.post(decode.base_url + "/v1/completions", json=completion(PROMPTS[0], kv_transfer_params=params),
+                   timeout=120)
+    assert r.status_code >= 500 and "lease" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - t0 < 30  # told at once, not after a timeout
+    wait_idle_and_free(decode)
+
+
+def test_kv_transfer_params_bad_input(pair):
+    prefill, decode = pair
+    cases = [
+        (decode.base_url, {"do_remote_decode": True}, {}, "needs a prefill server"),
+        (prefill.server.base_url, {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 1,
+                                   "remote_bootstrap_room": 1}, {}, "needs a decode server"),
+        (decode.base_url, {"do_remote_prefill": True}, {}, "remote_bootstrap_room"),
+        (prefill.server.base_url, {"do_remote_decode": True}, {"stream": True}, "stream false"),
+        (prefill.server.base_url, {"do_remote_decode": True, "do_remote_prefill": True}, {}, "exclude each other"),
+        (prefill.server.base_url, {"do_remote_decode": True}, {"n": 2}, "n = 1"),
+        (decode.base_url, {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 70000,
+                           "remote_bootstrap_room": 1}, {}, "bootstrap_port"),
+        (prefill.server.base_url, "yes", {}, "kv_transfer_params must be an object"),
+    ]
+    for url, params, extra, message in cases:
+        r = httpx.post(url + "/v1/completions", json=completion("Hi", 2, kv_transfer_params=params, **extra),
+                       timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (params, r.text)
+    wait_idle_and_free(prefill.server, decode)
+
+
+@pytest.mark.parametrize("dispatch", ["prefill-first", "decode-first", "parallel"])
+def test_router_dispatch_styles_equal_unified(pair, unified_ids, dispatch):
+    prefill, decode = pair
+    cluster = Cluster(BACKEND, [prefill], [decode])
+    held = load(prefill.server)["kv_held_total"]
+    with router(cluster.args("--dispatch", dispatch, "--policy", "round_robin")) as r:
+        for p in PROMPTS[:4]:
+            resp = httpx.post(r.base_url + "/v1/completions", json=completion(p), timeout=120)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["choices"][0]["token_ids"] == unified_ids[p], (dispatch, p)
+        body = completion(PROMPTS[4], stream=True)
+        with httpx.stream("POST", r.base_url + "/v1/completions", json=body, timeout=120) as s:
+            assert s.status_code == 200
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        ids = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
+        assert ids == unified_ids[PROMPTS[4]], dispatch
+        # /generate (SGLang's native route) is not vLLM's: prefill-first sends it in parallel
+        g = httpx.post(r.base_url + "/generate", timeout=120, json={
+            "text": PROMPTS[0], "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0}})
+        assert g.status_code == 200 and g.json()["output_ids"] == unified_ids[PROMPTS[0]], g.text
+    # prefill-first: the 5 OpenAI requests went through kv_transfer_params; the other styles use rooms
+    assert load(prefill.server)["kv_held_total"] - held == (5 if dispatch == "prefill-first" else 0)
+    assert load(prefill.server)["kv_held_reqs"] == 0
+    wait_idle_and_free(prefill.server, decode)
+
+
+def test_decode_claiming_from_a_dead_prefill_fails_within_its_deadline(pair):
+    _, decode = pair
+    lone = start_prefill(BACKEND)
+    try:
+        params = prefill_first(lone, PROMPTS[1])
+    finally:
+        stop_all(lone)
+    t0 = time.monotonic()
+    r = httpx.post(decode.base_url + "/v1/completions", json=completion(PROMPTS[1], kv_transfer_params=params),
+                   timeout=120)
+    assert r.status_code >= 500, r.text
+    print(f"decode from a dead prefill: {r.status_code} after {time.monotonic() - t0:.1f} s: {r.text}")
+    assert time.monotonic() - t0 < 60, r.text
+    wait_idle_and_free(decode)
