@@ -58,6 +58,9 @@ class EngineConfig:
     kv_checksum: bool = False
     # PD prefill first (vLLM's protocol): how long a prefill keeps an answered request's KV for its decode.
     kv_lease_s: float = 120.0
+    # PD decode: when a prompt's KV does not arrive (the prefill failed, died, or its lease ran out): "fail" the
+    # request, or "recompute" the prompt on this engine (vLLM's kv_load_failure_policy).
+    kv_load_failure_policy: str = "fail"
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
@@ -81,6 +84,8 @@ class EngineConfig:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if not 0 <= self.mem_fraction_static < 1:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
+        if self.kv_load_failure_policy not in ("fail", "recompute"):
+            raise ValueError(f"kv_load_failure_policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
         if not self.kv_lease_s > 0:
             raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
         if self.prefill_layer_slices < 1:

@@ -171,3 +171,30 @@ def test_decode_claiming_from_a_dead_prefill_fails_within_its_deadline(pair):
     print(f"decode from a dead prefill: {r.status_code} after {time.monotonic() - t0:.1f} s: {r.text}")
     assert time.monotonic() - t0 < 60, r.text
     wait_idle_and_free(decode)
+
+
+def test_recompute_policy_prefills_what_did_not_come(pair, unified_ids):
+    """--kv-load-failure-policy recompute: a lease that ran out, or a dead prefill, and the decode prefills the
+    prompt itself: the same greedy output."""
+    prefill, _ = pair
+    decode = start_decode(BACKEND, ["--kv-load-failure-policy", "recompute"])
+    try:
+        params = prefill_first(prefill, PROMPTS[2])
+        deadline = time.monotonic() + LEASE_S + 30
+        while load(prefill.server)["kv_held_reqs"]:
+            assert time.monotonic() < deadline, "the lease did not run out"
+            time.sleep(0.2)
+        lone = start_prefill(BACKEND)
+        try:
+            dead_params = prefill_first(lone, PROMPTS[3])
+        finally:
+            stop_all(lone)
+        for p, kvt in ((PROMPTS[2], params), (PROMPTS[3], dead_params)):
+            r = httpx.post(decode.base_url + "/v1/completions", json=completion(p, kv_transfer_params=kvt),
+                           timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["token_ids"] == unified_ids[p], p
+        assert load(decode)["kv_load_recomputed"] == 2
+        wait_idle_and_free(decode)
+    finally:
+        stop_all(decode)

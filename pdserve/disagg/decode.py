@@ -12,7 +12,8 @@ Lifecycle of one request on a decode server:
    foreign or partial KV); the request joins the running batch with num_computed_tokens = prompt length
    and the first token, without recomputing the prompt, and streams (SUCCESS): the first token goes out
    at once, before the next decode step runs.
-5. Failures end the request with a clear error: TransferDone(ok=False), no TransferDone within
+5. Failures end the request with a clear error (or, with --kv-load-failure-policy recompute, send it back to
+   this engine's queue to prefill it here, unless the client aborted): TransferDone(ok=False), no TransferDone within
    SGLANG_DISAGGREGATION_WAITING_TIMEOUT, the prefill missing SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE
    heartbeats in a row or restarting (a new server_id), or a client abort. Once KVDestination went out, the
    prefill may still write into that destination, so its slots and metadata row are not freed with the request:
@@ -97,6 +98,7 @@ class DecodeEngine:
         self.quarantine: dict[tuple[int, int], Quarantined] = {}  # (room, nonce) -> destination on hold
         self.num_staged = 0  # destinations handed out with lent slots (prefill TP > decode TP)
         self.num_local_prefills = 0  # requests without bootstrap fields, prefilled here (decode-only fallback)
+        self.num_recomputed = 0  # PD requests whose KV did not come, prefilled here (--kv-load-failure-policy)
         self._faults = random.Random(ENVS.fault_seed) if ENVS.fault_kv_corrupt_p > 0 else None  # tests only
         self._stop = threading.Event()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
@@ -162,7 +164,8 @@ class DecodeEngine:
                      num_decode_transfer_queue_reqs=len(self.transferring))
         extra = {**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
                  "kv_quarantined_tokens": sum(len(q.slots) for q in self.quarantine.values()),
-                 "kv_transfers_staged": self.num_staged, "num_local_prefill_reqs": self.num_local_prefills}
+                 "kv_transfers_staged": self.num_staged, "num_local_prefill_reqs": self.num_local_prefills,
+                 "kv_load_recomputed": self.num_recomputed}
         return replace(r, num_reqs=r.num_reqs + len(self.prealloc) + len(self.transferring),
                        num_waiting_reqs=r.num_waiting_reqs + len(self.prealloc), extra=extra,
                        stats=replace(r.stats, pd=pd) if r.stats is not None else None)
@@ -231,7 +234,8 @@ class DecodeEngine:
     def _drop_peer(self, peer: PrefillPeer) -> list[RequestOutput]:
         """Fail every request bound to a dead (or unreachable) prefill; forget it so a restart re-bootstraps."""
         logger.warning("%s", peer.dead)
-        outs = [self._fail(req, peer.dead) for req in list(self.rooms.values()) if req.disagg.peer == peer.key]
+        outs = [out for req in list(self.rooms.values()) if req.disagg.peer == peer.key
+                if (out := self._fail(req, peer.dead)) is not None]
         if peer.replaced_by is not None:
             self._release_replaced(peer.key, peer.replaced_by)
         del self.peers[peer.key]
@@ -362,14 +366,16 @@ class DecodeEngine:
             if req is None or req.disagg.nonce != msg.nonce:
                 return []  # late news of an earlier use of this room
             if not msg.ok:
-                return [self._fail(req, msg.error or "prefill reported a failed transfer", prefill_done=True,
-                                   client_abort=msg.client_abort)]
-            out = self._join(req, msg)
+                out = self._fail(req, msg.error or "prefill reported a failed transfer", prefill_done=True,
+                                 client_abort=msg.client_abort)
+            else:
+                out = self._join(req, msg)
             return [] if out is None else [out]
         if isinstance(msg, AbortRoom):  # a prefill gives up (it answers TransferDone for what it held)
             req = self.rooms.get(msg.room)
             if req is not None and (msg.nonce == 0 or msg.nonce == req.disagg.nonce):
-                return [self._fail(req, msg.reason)]
+                out = self._fail(req, msg.reason)
+                return [] if out is None else [out]
             return []
         logger.warning("unexpected %s on a decode's control socket", type(msg).__name__)
         return []
@@ -420,13 +426,15 @@ class DecodeEngine:
         for held in self._release_where(lambda held: t >= held.until):
             logger.warning("room %d: no word from the prefill in %.0f s; its quarantined destination is released",
                            held.room, QUARANTINE_TTL_S)
-        return [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
+        outs = [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
                                 f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
                 for req in list(self.rooms.values()) if t >= req.disagg.deadline]
+        return [out for out in outs if out is not None]
 
     def _fail(self, req: Request, reason: str, prefill_done: bool = False,
-              client_abort: bool = False) -> RequestOutput:
-        """End a request that is not running yet. prefill_done: the prefill said it will not write (its
+              client_abort: bool = False) -> RequestOutput | None:
+        """End a request that is not running yet (None: it went back to this engine's queue instead, under
+        --kv-load-failure-policy recompute). prefill_done: the prefill said it will not write (its
         TransferDone); otherwise a destination it was given is quarantined and the prefill is told.
         client_abort: the client gave up or asked for what cannot be (not counted as a PD failure)."""
         st: RoomState = req.disagg
@@ -453,7 +461,22 @@ class DecodeEngine:
                     st.meta_row = None
                 if "stage" in st.extra:
                     self.engine.scheduler.kv.free_detached(st.extra.pop("stage"))
+            if self.config.kv_load_failure_policy == "recompute" and not client_abort and not req.finished:
+                self._recompute(req, reason)
+                return None
         return self.link.fail(req, reason)
+
+    def _recompute(self, req: Request, reason: str) -> None:
+        """--kv-load-failure-policy recompute: the prompt's KV will not come; this engine prefills it itself."""
+        logger.warning("room %d: %s; prefilling the prompt here (--kv-load-failure-policy recompute)",
+                       req.disagg.room, reason)
+        sched = self.engine.scheduler
+        sched.kv.free_detached(sched.kv.detach(req))  # whatever a preallocated destination still held
+        req.disagg, req.input_logprobs_sent, req.num_computed_tokens = None, False, 0
+        req.status = RequestStatus.WAITING
+        self.num_local_prefills += 1
+        self.num_recomputed += 1
+        sched.add(req)
 
     def _release(self, held: Quarantined) -> None:
         self.engine.scheduler.kv.free_detached(held.slots)

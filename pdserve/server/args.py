@@ -98,6 +98,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="prefill, vLLM's prefill-first protocol (kv_transfer_params.do_remote_decode): seconds an "
                         "answered request's KV is kept for its decode to claim; then it is freed and a late decode "
                         "fails cleanly")
+    g.add_argument("--kv-load-failure-policy", default=_ENGINE.kv_load_failure_policy, choices=("fail", "recompute"),
+                   help="decode: when a prompt's KV does not arrive (its prefill failed or died, or the lease ran "
+                        "out), fail the request or prefill it on this server (vLLM's kv_load_failure_policy)")
     g.add_argument("--disaggregation-auth-token", default=ENVS.disagg_auth_token or None,
                    help="shared secret of the deployment: signs control frames between servers and authorises "
                         "bootstrap writes (default: PDSERVE_DISAGGREGATION_AUTH_TOKEN; required off loopback)")
@@ -150,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ib_device=args.disaggregation_ib_device,
         host=args.host,
         auth_token=args.disaggregation_auth_token, kv_checksum=args.disaggregation_kv_checksum,
-        kv_lease_s=args.kv_lease_duration,
+        kv_lease_s=args.kv_lease_duration, kv_load_failure_policy=args.kv_load_failure_policy,
         tp_size=args.tp_size,
         dp_size=args.dp_size,
         dist_init_addr=args.dist_init_addr,
