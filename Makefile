@@ -10,12 +10,21 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 TOOLS := .venv-tools
 AIPERF_VERSION := 0.13.0
 GUIDELLM_VERSION := 0.8.1
+# vLLM's own PD router (tests/test_vllm_router_interop.py drives pdserve servers with it), in its own venv too.
+VLLM_ROUTER_VERSION := 0.1.17
 
 .PHONY: setup serve test clean loadgen
 
 setup: $(STAMP)
 
-loadgen: $(TOOLS)/aiperf/.installed $(TOOLS)/guidellm/.installed
+loadgen: $(TOOLS)/aiperf/.installed $(TOOLS)/guidellm/.installed $(TOOLS)/vllm-router/.installed
+
+$(TOOLS)/vllm-router/.installed: Makefile
+	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
+	test -x $(TOOLS)/vllm-router/bin/python || $(PY) -m venv $(TOOLS)/vllm-router
+	$(TOOLS)/vllm-router/bin/pip install -q vllm-router==$(VLLM_ROUTER_VERSION)
+	$(TOOLS)/vllm-router/bin/vllm-router --help >/dev/null
+	touch $@
 
 $(TOOLS)/aiperf/.installed: Makefile
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pdserve.kv_events import KVEventsConfig
+
 # encode: vision encoder only (EPD); text: a language-only unified server that takes embeddings from encoders.
 # fcfs: arrival order; spf: shortest prompt first (a prompt waiting over SPF_MAX_WAIT_S goes first anyway);
 # lof: longest output (max_new_tokens) first; random. SGLang's cache-aware lpm / dfs-weight are not implemented.
@@ -61,6 +63,8 @@ class EngineConfig:
     # PD decode: when a prompt's KV does not arrive (the prefill failed, died, or its lease ran out): "fail" the
     # request, or "recompute" the prompt on this engine (vLLM's kv_load_failure_policy).
     kv_load_failure_policy: str = "fail"
+    # --kv-events-config: publish the prefix cache's blocks stored/removed in vLLM's wire format (None: off)
+    kv_events: KVEventsConfig | None = None
     # EPD: a prefill that takes image embeddings from encode servers (text mode always does).
     encoder_disaggregated: bool = False
     encoder_urls: tuple[str, ...] = ()  # this language server sends images to these encoders itself
@@ -86,6 +90,9 @@ class EngineConfig:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
         if self.kv_load_failure_policy not in ("fail", "recompute"):
             raise ValueError(f"kv_load_failure_policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
+        if self.kv_events is not None and self.disable_radix_cache:
+            raise ValueError("--kv-events-config publishes the prefix cache's blocks: it needs the radix cache "
+                             "(drop --disable-radix-cache)")
         if not self.kv_lease_s > 0:
             raise ValueError(f"kv_lease_s must be > 0, got {self.kv_lease_s}")
         if self.prefill_layer_slices < 1:

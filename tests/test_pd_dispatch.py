@@ -5,19 +5,31 @@ decode-first}. Real servers, the nixl backend, the real model."""
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import tempfile
 import time
 
 import httpx
 import pytest
 
+from pdserve.bench.datasets import WORDS
+from tests.conftest import ServerProcess, free_port, stop_server
 from tests.engine_helpers import PROMPTS
-from tests.pd_helpers import load, start_decode, start_prefill, stop_all
+from tests.loadgen_helpers import TOOLS_DIR
+from tests.pd_helpers import load, response_text, start_decode, start_prefill, stop_all
 from tests.test_pd import wait_idle_and_free
 from tests.test_router import Cluster, router
 
 BACKEND = "nixl"
 MAX_NEW = 12
 LEASE_S = 4.0
+
+
+def kv_events_args() -> list[str]:
+    return ["--kv-events-config", json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{free_port()}",
+                                              "block_size": 16})]
 
 
 def completion(prompt: str, max_tokens: int = MAX_NEW, **extra) -> dict:
@@ -37,7 +49,7 @@ def unified_ids(server):
 
 @pytest.fixture(scope="module")
 def pair():
-    prefill = start_prefill(BACKEND, ["--kv-lease-duration", str(LEASE_S)])
+    prefill = start_prefill(BACKEND, ["--kv-lease-duration", str(LEASE_S), *kv_events_args()])
     try:
         decode = start_decode(BACKEND)
     except Exception:
@@ -198,3 +210,71 @@ def test_recompute_policy_prefills_what_did_not_come(pair, unified_ids):
         wait_idle_and_free(decode)
     finally:
         stop_all(decode)
+
+
+VLLM_ROUTER = os.path.join(TOOLS_DIR, "vllm-router", "bin", "vllm-router")
+CHAT = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 12, "temperature": 0}
+COMPLETION = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vllm_router_drives_pdserve(pair, server, stream):
+    """vLLM's own router (PyPI vllm-router, --vllm-pd-disaggregation, NIXL connector) in front of pdserve's
+    prefill and decode: it speaks kv_transfer_params; chat and completions equal the unified server's output."""
+    if not os.access(VLLM_ROUTER, os.X_OK):
+        pytest.fail("vllm-router is not installed (make loadgen installs it under .venv-tools/vllm-router)")
+    prefill, decode = pair
+    held = load(prefill.server)["kv_held_total"]
+    port = free_port()
+    fd, log_path = tempfile.mkstemp(prefix="vllm-router-", suffix=".log")
+    cmd = [VLLM_ROUTER, "--vllm-pd-disaggregation", "--prefill", prefill.server.base_url, "--decode", decode.base_url,
+           "--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--kv-connector", "nixl"]
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    r = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, f"vllm-router did not start:\n{r.log()}"
+            try:
+                if httpx.get(r.base_url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        model = httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        for path, body in (("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)):
+            body = {**body, "model": model, "stream": stream}
+            ref = httpx.post(server.base_url + path, json=body, timeout=120)
+            got = httpx.post(r.base_url + path, json=body, timeout=120)
+            assert ref.status_code == 200 and got.status_code == 200, (got.text, r.log()[-3000:])
+            assert response_text(path, got, stream) == response_text(path, ref, stream) != ""
+    finally:
+        stop_server(r)
+        os.unlink(log_path)
+    assert load(prefill.server)["kv_held_total"] - held == 2  # both went prefill first, through kv_transfer_params
+    wait_idle_and_free(prefill.server, decode)
+
+
+def test_kv_aware_prefill_policy_routes_by_the_prefills_caches(pair):
+    """Two prefills publishing KV events; the router (--prefill-policy kv_aware) sends every prompt of a group
+    to the prefill that cached the group's prefix: each follow-up finds the whole prefix cached there."""
+    prefill, decode = pair
+    other = start_prefill(BACKEND, kv_events_args())
+    rng = random.Random(5)
+    try:
+        cluster = Cluster(BACKEND, [prefill, other], [decode])
+        with router(cluster.args("--prefill-policy", "kv_aware", "--decode-policy", "round_robin")) as r:
+            for group in range(3):
+                prefix = " ".join(rng.choices(WORDS, k=64))
+                for question in range(3):
+                    body = completion(f"{prefix} question {question}?", 2)
+                    resp = httpx.post(r.base_url + "/v1/completions", json=body, timeout=120)
+                    assert resp.status_code == 200, resp.text
+                    cached = resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    if question:
+                        assert cached >= 64 - 16, (group, question, cached)  # the prefix, to a block
+                    time.sleep(0.2)  # the prefill's events reach the router
+        wait_idle_and_free(prefill.server, other.server, decode)
+    finally:
+        stop_all(other)

@@ -21,6 +21,7 @@ from pdserve.engine.request import Request, RequestStatus
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.stop_checker import StopChecker
 from pdserve.engine.tp_worker import TensorRanksFailed
+from pdserve.kv_events import KVEventPublisher
 from pdserve.model.loader import ResolvedModel, load_tokenizer, resolve_model
 from pdserve.sampling_params import SamplingParams
 
@@ -106,6 +107,10 @@ class Engine:
         self.kernel_plan = self.runner.model.ops.plan  # which op runs a CPU kernel, which runs torch
         self.scheduler = Scheduler(config, self.max_total_tokens, StopChecker(self.tokenizer, self.eos_token_ids, self.context_len))
         self.scheduler.stats.kv_cache_bytes = self.runner.kv.bytes_per_token() * self.max_total_tokens
+        self.kv_events: KVEventPublisher | None = None  # --kv-events-config: flushed once per engine loop pass
+        if config.kv_events is not None and self.scheduler.kv.tree is not None:
+            self.kv_events = KVEventPublisher(config.kv_events, config.host, config.dp_rank)
+            self.scheduler.kv.tree.on_change = self.kv_events.blocks.on_change
         self.requests: dict[str, Request] = {}
         self.last_forward: SchedulerOutput | None = None  # what the latest model run computed (for step logs)
         self._sliced: _SlicedStep | None = None  # a step whose layers run in slices, under way
@@ -263,6 +268,8 @@ class Engine:
         self.requests.clear()
 
     def close(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
         self.runner.close()
 
     def make_output(self, req: Request) -> RequestOutput:

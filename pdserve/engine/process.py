@@ -120,6 +120,8 @@ def _loop(engine, conn: Connection, step_log: _StepLog | None = None) -> None:
                 conn.send(reply)
         outs = profiler.run_step(lambda: engine.step() if step_log is None else step_log.step(engine),
                                  lambda: getattr(core, "last_forward", None))
+        if getattr(core, "kv_events", None) is not None:
+            core.kv_events.flush()  # the cache's changes of this pass, one batch
         if outs:
             conn.send(outs)
 

@@ -45,6 +45,9 @@ class RadixCache:
         self.root.lock_ref = 1
         self.num_cached_tokens = 0  # slots owned by the tree
         self.num_locked_tokens = 0  # of those, slots on a path some request holds
+        # KV events (pdserve/kv_events.py BlockEvents): on_change(stored, tokens, start): tokens[start:] were just
+        # cached (stored) or evicted, tokens being the whole path from the root.
+        self.on_change: Callable[[bool, tuple[int, ...] | list[int], int], None] | None = None
 
     def match_prefix(self, tokens: list[int] | tuple[int, ...]) -> tuple[list[int], RadixNode]:
         """Longest cached prefix of tokens, in whole pages: (its slots, the deepest node covering it)."""
@@ -102,6 +105,8 @@ class RadixCache:
                 new = RadixNode(tuple(tokens[pos:]), list(slots[pos : len(tokens)]), node)
                 node.children[key] = new
                 self.num_cached_tokens += len(new.slots)
+                if self.on_change is not None:
+                    self.on_change(True, tokens, pos)
                 return pos
             n = self._common_pages_len(child.key, tokens, pos)
             if n < len(child.key):
@@ -137,6 +142,9 @@ class RadixCache:
         freed = 0
         while freed < num_tokens and leaves:
             _, _, leaf = heapq.heappop(leaves)
+            if self.on_change is not None:
+                path = self._path(leaf)
+                self.on_change(False, path, len(path) - len(leaf.key))
             self._free_slots(leaf.slots)
             freed += len(leaf.slots)
             self.num_cached_tokens -= len(leaf.slots)
@@ -146,6 +154,14 @@ class RadixCache:
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, (parent.last_access, parent.id, parent))
         return freed
+
+    def _path(self, node: RadixNode) -> tuple[int, ...]:
+        """The token ids from the root to the end of node's edge."""
+        keys = []
+        while node is not self.root:
+            keys.append(node.key)
+            node = node.parent  # type: ignore[assignment]
+        return tuple(t for key in reversed(keys) for t in key)
 
     def reset(self) -> int:
         """Drop every unlocked entry (flush_cache). Returns slots freed."""

@@ -46,7 +46,12 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("policies")
     g.add_argument("--policy", default=_R.policy, choices=POLICIES, help="for both roles unless overridden")
-    g.add_argument("--prefill-policy", default=None, choices=POLICIES)
+    g.add_argument("--prefill-policy", default=None, choices=POLICIES,
+                   help="kv_aware: by what each prefill's cache holds, from its KV events (servers started with "
+                        "--kv-events-config; the router tokenizes prompts with --tokenizer-path)")
+    g.add_argument("--tokenizer-path", default=None,
+                   help="kv_aware: the served model (a Hugging Face directory or GGUF; default: pdserve's default "
+                        "model), whose tokenizer and chat template give the token ids the workers cache")
     g.add_argument("--decode-policy", default=None, choices=POLICIES)
     g.add_argument("--cache-threshold", type=float, default=_C.cache_threshold)
     g.add_argument("--balance-abs-threshold", type=int, default=_C.balance_abs_threshold)
@@ -116,7 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         host=args.host, port=args.port, pd_disaggregation=args.pd_disaggregation, workers=tuple(workers),
         encode_urls=tuple(u.rstrip("/") for u in args.encode), decode_fallback=not args.disable_decode_fallback,
-        dispatch=args.dispatch,
+        dispatch=args.dispatch, tokenizer_path=args.tokenizer_path,
         discovery=args.discovery, migration_limit=args.migration_limit,
         stream_stall_timeout_s=args.stream_stall_timeout_secs or None,
         policy=args.policy, prefill_policy=args.prefill_policy, decode_policy=args.decode_policy,

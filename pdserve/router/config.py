@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 ROLES = ("prefill", "decode", "regular")
-POLICIES = ("random", "round_robin", "power_of_two", "cache_aware")
+POLICIES = ("random", "round_robin", "power_of_two", "cache_aware", "kv_aware")
 # PD dispatch styles: parallel (SGLang's: both legs at once, meeting at the bootstrap room), prefill-first (vLLM's:
 # the prefill answers kv_transfer_params, the decode request carries them and claims the KV), decode-first
 # (Dynamo's order: the decode is picked and sent first, then the prefill).
@@ -145,6 +145,7 @@ class RouterConfig:
     encode_urls: tuple[str, ...] = ()  # EPD: image requests are encoded here first
     decode_fallback: bool = True  # PD: with no healthy prefill, a decode prefills the request itself
     dispatch: str = "parallel"  # PD: one of DISPATCH_STYLES
+    tokenizer_path: str | None = None  # kv_aware: the served model (None: pdserve's default model)
     discovery: str | None = None  # etcd://HOST:PORT[/PREFIX]: workers come and go as they register there
     # Stream migration: a stream whose worker dies, or sends nothing for stream_stall_timeout_s, continues on
     # another worker (pair) from the tokens already sent, at most migration_limit times (0: off).

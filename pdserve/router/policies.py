@@ -1,5 +1,6 @@
 """Load-balancing policies: one class each, one interface. `select` gets the non-empty list of candidate workers
-(healthy, circuit closed) for one role and the request's routing text (None unless the policy needs it)."""
+(healthy, circuit closed) for one role, the request's routing text (None unless the policy needs it) and its
+token ids (None unless the policy needs them: kv_aware)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 from collections.abc import Sequence
 
 from pdserve.router.config import CacheAwareConfig
+from pdserve.router.kv_index import KVEventFeed
 from pdserve.router.tree import ApproxTree
 from pdserve.router.workers import Worker
 
@@ -15,8 +17,9 @@ class Policy:
     name = "base"
     needs_text = False  # wants the prompt text (cache_aware)
     needs_load = False  # wants /get_load polled (power_of_two)
+    needs_tokens = False  # wants the request's token ids (kv_aware)
 
-    def select(self, workers: Sequence[Worker], text: str | None) -> Worker:
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
         raise NotImplementedError
 
     def remove_worker(self, url: str) -> None:
@@ -29,7 +32,7 @@ class Policy:
 class RandomPolicy(Policy):
     name = "random"
 
-    def select(self, workers: Sequence[Worker], text: str | None) -> Worker:
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
         return workers[random.randrange(len(workers))]
 
 
@@ -39,7 +42,7 @@ class RoundRobinPolicy(Policy):
     def __init__(self) -> None:
         self._next = 0
 
-    def select(self, workers: Sequence[Worker], text: str | None) -> Worker:
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
         w = workers[self._next % len(workers)]
         self._next += 1
         return w
@@ -51,7 +54,7 @@ class PowerOfTwoPolicy(Policy):
     name = "power_of_two"
     needs_load = True
 
-    def select(self, workers: Sequence[Worker], text: str | None) -> Worker:
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
         if len(workers) == 1:
             return workers[0]
         a, b = random.sample(workers, 2)
@@ -73,7 +76,7 @@ class CacheAwarePolicy(Policy):
         self.cfg = cfg
         self.tree = ApproxTree()
 
-    def select(self, workers: Sequence[Worker], text: str | None) -> Worker:
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
         text = text or ""
         if len(workers) == 1:
             chosen = workers[0]
@@ -101,7 +104,43 @@ class CacheAwarePolicy(Policy):
         self.tree.evict(self.cfg.max_tree_size)
 
 
-def make_policy(name: str, cache_cfg: CacheAwareConfig) -> Policy:
+def _balance(cfg: CacheAwareConfig, loads: Sequence[float]) -> bool:
+    """Load balanced enough to follow the cache (SGLang's two thresholds)."""
+    lo, hi = min(loads), max(loads)
+    return not (hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold)
+
+
+class KvAwarePolicy(Policy):
+    """The worker whose prefix cache holds the most leading blocks of the prompt, exactly (from its KV events,
+    pdserve/router/kv_index.py), while load is balanced (cache_aware's thresholds); else, or with no block held
+    anywhere, the least loaded (ties at random)."""
+
+    name = "kv_aware"
+    needs_tokens = True
+
+    def __init__(self, cfg: CacheAwareConfig, feed: KVEventFeed) -> None:
+        self.cfg, self.feed = cfg, feed
+
+    def select(self, workers: Sequence[Worker], text: str | None, tokens: Sequence[int] | None = None) -> Worker:
+        for w in workers:
+            self.feed.follow(w.url)
+        if len(workers) == 1:
+            return workers[0]
+        loads = [w.load() for w in workers]
+        pool = range(len(workers))
+        if tokens and _balance(self.cfg, loads):
+            cache: dict[int, list[int]] = {}
+            hits = [self.feed.matched_tokens(w.url, tokens, cache) for w in workers]
+            if max(hits) > 0:
+                pool = [i for i in pool if hits[i] == max(hits)]
+        least = min(loads[i] for i in pool)
+        return workers[random.choice([i for i in pool if loads[i] == least])]
+
+    def remove_worker(self, url: str) -> None:
+        self.feed.forget(url)
+
+
+def make_policy(name: str, cache_cfg: CacheAwareConfig, feed: KVEventFeed | None = None) -> Policy:
     if name == "random":
         return RandomPolicy()
     if name == "round_robin":
@@ -110,4 +149,6 @@ def make_policy(name: str, cache_cfg: CacheAwareConfig) -> Policy:
         return PowerOfTwoPolicy()
     if name == "cache_aware":
         return CacheAwarePolicy(cache_cfg)
+    if name == "kv_aware":
+        return KvAwarePolicy(cache_cfg, feed or KVEventFeed())
     raise ValueError(f"unknown policy {name!r}")

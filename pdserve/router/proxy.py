@@ -147,6 +147,11 @@ class Proxy:
         self.pd = config.pd_disaggregation
         self.prefill_policy, self.decode_policy = prefill_policy, decode_policy  # non-PD: decode_policy only
         self.needs_text = decode_policy.needs_text or (self.pd and prefill_policy.needs_text)
+        self.tokenizer = None  # kv_aware: the request's token ids
+        if decode_policy.needs_tokens or (self.pd and prefill_policy.needs_tokens):
+            from pdserve.router.tokens import RouteTokenizer
+
+            self.tokenizer = RouteTokenizer(config.tokenizer_path)
         self.retry = config.retry
         self.budget = RetryBudget(config.retry)
         self.session: aiohttp.ClientSession | None = None  # EPD encode calls
@@ -168,13 +173,15 @@ class Proxy:
         try:
             raw = await request.read()
             body = None
-            if self.pd or self.needs_text or self.config.encode_urls or (self.migrates and b'"stream"' in raw):
+            if (self.pd or self.needs_text or self.tokenizer is not None or self.config.encode_urls
+                    or (self.migrates and b'"stream"' in raw)):
                 try:
                     body = payload.parse_object(raw)
                 except payload.BadRequest as e:
                     self.metrics.error(ep.kind, "bad_request")
                     return Failure.message(400, str(e), "bad_request", False).response()
             text = payload.routing_text(ep.kind, body) if self.needs_text else None
+            tokens = self.tokenizer.token_ids(ep.kind, body) if self.tokenizer is not None else None
             mig = None
             if self.migrates and payload.migratable(ep.kind, body):
                 assert body is not None
@@ -184,19 +191,20 @@ class Proxy:
                     body = {**body, "return_token_ids": True}
                     raw = orjson.dumps(body)
                 mig = _Migration(ep, dict(body), text, payload.StreamTracker(ep.kind, strip))  # before any injection
-            return await self._with_retries(request, ep, raw, body, text, mig)
+            return await self._with_retries(request, ep, raw, body, text, mig, tokens)
         finally:
             self.num_inflight -= 1
             rc.duration.observe(time.perf_counter() - t0)
 
     async def _with_retries(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,
-                            text: str | None, mig: _Migration | None = None) -> web.StreamResponse:
+                            text: str | None, mig: _Migration | None = None,
+                            tokens: list[int] | None = None) -> web.StreamResponse:
         self.budget.deposit()
         excluded: list[Worker] = []
         attempt = 0
         while True:
             try:
-                prefill, worker = self._pick(text, excluded)
+                prefill, worker = self._pick(text, excluded, tokens)
                 if self.pd and prefill is None:
                     self.metrics.route(ep.kind).decode_fallbacks.inc()
                 if self.config.encode_urls and body is not None:
@@ -235,12 +243,13 @@ class Proxy:
         delay = min(r.max_backoff_ms, r.initial_backoff_ms * r.backoff_multiplier ** (attempt - 1))
         return max(0.0, delay * (1.0 + r.jitter_factor * random.uniform(-1.0, 1.0))) / 1000.0
 
-    def _pick(self, text: str | None, excluded: list[Worker]) -> tuple[Worker | None, Worker]:
+    def _pick(self, text: str | None, excluded: list[Worker],
+              tokens: list[int] | None = None) -> tuple[Worker | None, Worker]:
         if not self.pd:
             ws = self.registry.candidates("regular", excluded)
             if not ws:
                 raise Failure.message(503, "no healthy worker available", "no_workers", False)
-            return None, self.decode_policy.select(ws, text)
+            return None, self.decode_policy.select(ws, text, tokens)
         ds = self.registry.candidates("decode", excluded)
         if not ds:
             raise Failure.message(503, "no healthy decode worker available", "no_workers", False)
@@ -248,13 +257,13 @@ class Proxy:
         fresh = [w for w in ps if w not in excluded]
         if not fresh and self.config.decode_fallback:
             # Decode-only fallback: no healthy prefill (or each failed this request); the decode prefills locally.
-            return None, self.decode_policy.select(ds, text)
+            return None, self.decode_policy.select(ds, text, tokens)
         if not ps:
             raise Failure.message(503, "no healthy prefill worker available", "no_workers", False)
         if self.config.dispatch == "decode-first":
-            decode = self.decode_policy.select(ds, text)
-            return self.prefill_policy.select(fresh or ps, text), decode
-        return self.prefill_policy.select(fresh or ps, text), self.decode_policy.select(ds, text)
+            decode = self.decode_policy.select(ds, text, tokens)
+            return self.prefill_policy.select(fresh or ps, text, tokens), decode
+        return self.prefill_policy.select(fresh or ps, text, tokens), self.decode_policy.select(ds, text, tokens)
 
     # ---- one attempt -----------------------------------------------------------------------------------
     async def _attempt(self, request: web.Request, ep: Endpoint, raw: bytes, body: dict | None,

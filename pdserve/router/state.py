@@ -10,6 +10,7 @@ import time
 import aiohttp
 
 from pdserve.router.config import RouterConfig, WorkerSpec, normalize_url
+from pdserve.router.kv_index import KVEventFeed
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.policies import make_policy
 from pdserve.router.proxy import Proxy
@@ -27,12 +28,13 @@ class RouterState:
         self.metrics = RouterMetrics()
         self.registry = WorkerRegistry(config, self.metrics)
         cache = config.cache_aware
+        self.kv_feed = KVEventFeed(self.registry.auth_headers)  # kv_aware: the workers' KV events
         if config.pd_disaggregation:
-            self.prefill_policy = make_policy(config.effective_prefill_policy, cache)
-            self.decode_policy = make_policy(config.effective_decode_policy, cache)
+            self.prefill_policy = make_policy(config.effective_prefill_policy, cache, self.kv_feed)
+            self.decode_policy = make_policy(config.effective_decode_policy, cache, self.kv_feed)
             self.policies = [self.prefill_policy, self.decode_policy]
         else:
-            self.prefill_policy = self.decode_policy = make_policy(config.policy, cache)
+            self.prefill_policy = self.decode_policy = make_policy(config.policy, cache, self.kv_feed)
             self.policies = [self.decode_policy]
         self.proxy = Proxy(config, self.registry, self.metrics, self.prefill_policy, self.decode_policy)
         self.registry.on_remove(lambda w: [p.remove_worker(w.url) for p in self.policies])
@@ -129,6 +131,7 @@ class RouterState:
                     logger.exception("cache tree eviction failed")
 
     async def close(self) -> None:
+        self.kv_feed.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -8,6 +8,7 @@ import logging
 
 from pdserve.config import DISAGG_MODES, SCHEDULE_POLICIES, TRANSFER_BACKENDS, EngineConfig, ModelConfig, ServerConfig
 from pdserve.envs import ENVS
+from pdserve.kv_events import KVEventsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-kv-checksum", action="store_true",
                    help="prefill: send a CRC-32 of each prompt's KV with its TransferDone; decode: check the KV that "
                         "landed against it and fail a corrupted request (same TP layout on both sides)")
+    g.add_argument("--kv-events-config", default=None, metavar="JSON",
+                   help='publish the prefix cache\'s blocks stored/removed over ZMQ in vLLM\'s KV-event format, e.g. '
+                        '\'{"enable_kv_cache_events": true, "endpoint": "tcp://*:5557", "block_size": 16}\' (vLLM '
+                        "and SGLang's flag); routers read them for KV-aware routing (pdserve route --prefill-policy "
+                        "kv_aware, vllm-router --kv-event-source)")
     g.add_argument("--kv-lease-duration", type=float, default=_ENGINE.kv_lease_s,
                    help="prefill, vLLM's prefill-first protocol (kv_transfer_params.do_remote_decode): seconds an "
                         "answered request's KV is kept for its decode to claim; then it is freed and a late decode "
@@ -153,7 +159,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ib_device=args.disaggregation_ib_device,
         host=args.host,
         auth_token=args.disaggregation_auth_token, kv_checksum=args.disaggregation_kv_checksum,
-        kv_lease_s=args.kv_lease_duration, kv_load_failure_policy=args.kv_load_failure_policy,
+        kv_lease_s=args.kv_lease_duration,
+        kv_events=KVEventsConfig.parse(args.kv_events_config) if args.kv_events_config else None, kv_load_failure_policy=args.kv_load_failure_policy,
         tp_size=args.tp_size,
         dp_size=args.dp_size,
         dist_init_addr=args.dist_init_addr,

@@ -101,6 +101,12 @@ def pd_role(eng: EngineConfig) -> PDRole:
                   eng.instance_id or f"{host}:{eng.bootstrap_port}", eng.tp_size)
 
 
+def kv_events_endpoints(eng: EngineConfig) -> list[str]:
+    if eng.kv_events is None:
+        return []
+    return [eng.kv_events.address(advertised_host(eng.host), rank) for rank in range(eng.dp_size)]
+
+
 def server_info(state: ServerState) -> dict[str, object]:
     """Flat, SGLang-style server arguments plus runtime facts (never the API key)."""
     cfg, eng, ready = state.config, state.config.engine, state.client.ready
@@ -129,6 +135,9 @@ def server_info(state: ServerState) -> dict[str, object]:
         "disaggregation_transfer_backend": eng.transfer_backend,
         "disaggregation_bootstrap_port": eng.bootstrap_port,
         "disaggregation_ib_device": eng.ib_device,
+        # where this server's replicas publish KV cache events (--kv-events-config; a KV-aware router subscribes)
+        "kv_events_endpoints": kv_events_endpoints(eng),
+        "kv_events_topic": eng.kv_events.topic if eng.kv_events is not None else None,
         "encoder_disaggregated": eng.language_only,
         "encoder_urls": list(eng.encoder_urls),
         "is_multimodal": state.openai.mm is not None and state.openai.mm.spec is not None,
