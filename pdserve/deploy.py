@@ -7,6 +7,7 @@ separate cores by default). Ctrl-C or SIGTERM stops every child; no process is l
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -77,11 +78,16 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
     prefill_flags = ["--chunked-prefill-size", str(args.chunked_prefill_size),  # every server that prefills
              "--schedule-policy", args.schedule_policy, "--prefill-layer-slices", str(args.prefill_layer_slices)]
     service_cpus: list[int] = []  # router and decode fronts, when decode engines have cores of their own
+    if "kv_aware" in (args.policy, args.prefill_policy):  # the servers that prefill publish their cache's blocks
+        prefill_flags += ["--kv-events-config", ""]  # the endpoint is set per server below
 
     def server(name: str, extra: list[str], cpu: list[int], tp: int = 1, dp: int = 1) -> Child:
         port = free_port(args.host)
         threads = max(1, len(cpu) // (tp * dp))  # per rank
         cmd = [py, "-m", "pdserve.launch_server", "--port", str(port), "--num-threads", str(threads), *common, *extra]
+        if "--kv-events-config" in cmd:
+            at = cmd.index("--kv-events-config") + 1
+            cmd[at] = json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://*:{free_port(args.host)}"})
         if tp > 1:
             cmd += ["--tp-size", str(tp)]
         if dp > 1:
@@ -119,6 +125,12 @@ def plan(args: argparse.Namespace, log_dir: str) -> list[Child]:
     router_cmd = [py, "-m", "pdserve.launch_router", *router_flags, "--host", args.host, "--port", str(args.port)]
     if args.policy:
         router_cmd += ["--policy", args.policy]
+    if args.prefill_policy and not args.unified:
+        router_cmd += ["--prefill-policy", args.prefill_policy]
+    if not args.unified:
+        router_cmd += ["--dispatch", args.dispatch]
+    if args.model_path and "kv_aware" in (args.policy, args.prefill_policy):
+        router_cmd += ["--tokenizer-path", args.model_path]
     children.append(Child("router", router_cmd, _url(args.host, args.port), "/readiness",
                           os.path.join(log_dir, "router.log"), service_cpus))
     return children
@@ -213,7 +225,12 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unified", action="store_true", help="one unified server behind the router instead of PD")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="the router's port (the endpoint)")
-    p.add_argument("--policy", default=None, help="router policy (random, round_robin, power_of_two, cache_aware)")
+    p.add_argument("--policy", default=None,
+                   help="router policy (random, round_robin, power_of_two, cache_aware, kv_aware)")
+    p.add_argument("--prefill-policy", default=None,
+                   help="router policy for the prefills (PD); kv_aware turns on their KV events (--kv-events-config)")
+    p.add_argument("--dispatch", default="parallel", choices=("parallel", "prefill-first", "decode-first"),
+                   help="how the router drives a prefill/decode pair (pdserve route --dispatch)")
     p.add_argument("--max-total-tokens", type=int, default=16384)
     p.add_argument("--prefill-tp", type=int, default=1, help="tensor parallel ranks of each prefill server")
     p.add_argument("--decode-tp", type=int, default=1, help="tensor parallel ranks of each decode server")

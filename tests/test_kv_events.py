@@ -123,3 +123,15 @@ def test_kv_events_config():
                          ('{"enable_kv_cache_events": true, "block_size": 0}', "block_size")):
         with pytest.raises(ValueError, match=message):
             KVEventsConfig.parse(bad)
+
+
+def test_routed_blocks_count_until_confirmed():
+    index = BlockIndex()
+    toks = list(range(12))
+    h = chain_hashes(toks, B, 3)
+    index.note_routed(h)
+    assert index.matched_blocks(h) == 3 and not index.held
+    index.apply(KVEventBatch(0.0, [BlockStored(h[:2], None, toks[:8], B)]), 0)  # confirmed: held, not pending
+    assert index.matched_blocks(h) == 3 and len(index.pending) == 1
+    index.pending = {k: 0.0 for k in index.pending}  # its time ran out
+    assert index.matched_blocks(h) == 2

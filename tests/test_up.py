@@ -137,6 +137,21 @@ def test_plan_passes_parallel_layouts(monkeypatch, tmp_path):
     assert pre[pre.index("--page-size") + 1] == dec[dec.index("--page-size") + 1] == "16"
 
 
+def test_plan_kv_aware_turns_on_the_prefills_kv_events(monkeypatch, tmp_path):
+    c = _plan(monkeypatch, tmp_path, {0, 1}, "--prefill", "2", "--prefill-policy", "kv_aware", "--dispatch",
+              "prefill-first")
+    configs = [json.loads(c[f"prefill-{i}"].cmd[c[f"prefill-{i}"].cmd.index("--kv-events-config") + 1])
+               for i in range(2)]
+    assert all(cfg["enable_kv_cache_events"] for cfg in configs)
+    assert configs[0]["endpoint"] != configs[1]["endpoint"]  # a port each
+    assert "--kv-events-config" not in c["decode-0"].cmd
+    router = c["router"].cmd
+    assert router[router.index("--prefill-policy") + 1] == "kv_aware"
+    assert router[router.index("--dispatch") + 1] == "prefill-first"
+    c = _plan(monkeypatch, tmp_path, {0, 1})
+    assert "--kv-events-config" not in c["prefill-0"].cmd and "--prefill-policy" not in c["router"].cmd
+
+
 def test_engine_cpus_are_checked():
     with pytest.raises(ValueError, match="engine_cpus"):
         EngineConfig(engine_cpus=(1, 1))

@@ -34,6 +34,7 @@ class RequestRecord:
     group: int | None = None
     start_time: float = 0.0
     output_len: int = 0
+    cached_len: int = 0  # prompt tokens the server had cached (usage.prompt_tokens_details.cached_tokens)
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None
@@ -187,6 +188,9 @@ async def _stream(session: aiohttp.ClientSession, cfg: BenchConfig, payload: dic
                     rec.output_len = int(usage.get("completion_tokens") or 0)
                     if usage.get("prompt_tokens") is not None:
                         rec.prompt_len = int(usage["prompt_tokens"])
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                        rec.cached_len = details["cached_tokens"]
                 text, finish = _chunk_text(data, cfg.is_chat)
                 if finish is not None:
                     rec.finish_reason = finish

@@ -115,6 +115,8 @@ def summarize(records: Sequence[RequestRecord], duration: float, slo: Slo | None
     summary: dict[str, Any] = {
         "completed": len(ok), "failed": len(records) - len(ok), "duration": duration,
         "total_input_tokens": total_in, "total_output_tokens": total_out,
+        # prompt tokens served from the server's prefix cache, as its usage reports them
+        "cache_hit_rate": sum(r.cached_len for r in ok) / total_in if total_in else 0.0,
         "request_throughput": len(ok) / dur, "goodput": good / dur,
         "input_throughput": total_in / dur, "output_throughput": total_out / dur,
         "total_throughput": (total_in + total_out) / dur, "concurrency": sum(e2es) / dur,

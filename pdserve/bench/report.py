@@ -21,6 +21,7 @@ _METRICS: tuple[tuple[str | None, str, str], ...] = (
     ("Benchmark duration (s):", "duration", "f"),
     ("Total input tokens:", "total_input_tokens", "d"),
     ("Total generated tokens:", "total_output_tokens", "d"),
+    ("Prefix cache hit rate:", "cache_hit_rate", "f"),
     ("Request throughput (req/s):", "request_throughput", "f"),
     ("Goodput (req/s):", "goodput", "f"),
     ("Input token throughput (tok/s):", "input_throughput", "f"),

@@ -5,7 +5,8 @@ the KV cache events it publishes (pdserve/kv_events.py: vLLM's wire format; pdse
 The router follows a worker as soon as a policy sees it: it reads the worker's /server_info for its event
 endpoints (kv_events_endpoints) and subscribes (ZMQ SUB). Each BlockStored is re-hashed here from its token ids
 and its parent (so the publisher's hash function does not matter); a request matches a worker by how many of its
-leading full blocks that worker holds. The index is bounded per worker; a restarted publisher (its sequence
+leading full blocks that worker holds, or was just sent and will hold (a routed prompt's blocks count for
+PENDING_TTL_S until its events confirm them, so a burst of one prefix follows its first request). The index is bounded per worker; a restarted publisher (its sequence
 numbers start again, or AllBlocksCleared) empties it."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import aiohttp
@@ -26,6 +28,7 @@ MAX_BLOCKS_PER_WORKER = 1_000_000  # a worker's index past this is emptied (it r
 MAX_EVENT_FRAME_BYTES = 16 << 20
 INFO_RETRY_S = 2.0
 INFO_TIMEOUT_S = 10.0
+PENDING_TTL_S = 10.0
 
 
 class BlockIndex:
@@ -34,6 +37,7 @@ class BlockIndex:
     def __init__(self) -> None:
         self.ours: dict[BlockHash, int] = {}  # publisher's hash -> our chained hash
         self.held: set[int] = set()
+        self.pending: dict[int, float] = {}  # our hash -> until when: routed here, not confirmed by an event yet
         self.block_size = 0  # from the events (0: none seen yet)
         self.last_seq: dict[int, int] = {}  # per data parallel rank
 
@@ -70,14 +74,25 @@ class BlockIndex:
             parent = chain_hashes(ev.token_ids[i * size:(i + 1) * size], size, 1, parent)[0]
             self.ours[h] = parent
             self.held.add(parent)
+            self.pending.pop(parent, None)
 
     def clear(self) -> None:
         self.ours.clear()
         self.held.clear()
+        self.pending.clear()
+
+    def note_routed(self, hashes: Sequence[int]) -> None:
+        now = time.monotonic()
+        if len(self.pending) > MAX_BLOCKS_PER_WORKER // 10:
+            self.pending = {h: t for h, t in self.pending.items() if t > now}
+        until = now + PENDING_TTL_S
+        for h in hashes:
+            if h not in self.held:
+                self.pending[h] = until
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
-        n = 0
-        while n < len(hashes) and hashes[n] in self.held:
+        n, now = 0, time.monotonic()
+        while n < len(hashes) and (hashes[n] in self.held or self.pending.get(hashes[n], 0.0) > now):
             n += 1
         return n
 
@@ -117,6 +132,15 @@ class KVEventFeed:
         if size not in cache:
             cache[size] = chain_hashes(tokens, size, len(tokens) // size)
         return index.matched_blocks(cache[size]) * size
+
+    def note_routed(self, url: str, tokens: Sequence[int], cache: dict[int, list[int]]) -> None:
+        """The prompt went to this worker: its blocks count as held there until confirmed or PENDING_TTL_S."""
+        index = self.indexes.get(url)
+        if index is not None and index.block_size:
+            size = index.block_size
+            if size not in cache:
+                cache[size] = chain_hashes(tokens, size, len(tokens) // size)
+            index.note_routed(cache[size])
 
     async def _endpoints(self, url: str) -> tuple[list[str], str]:
         """The worker's event endpoints and topic (from /server_info), waiting while it has none."""

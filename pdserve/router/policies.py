@@ -128,13 +128,16 @@ class KvAwarePolicy(Policy):
             return workers[0]
         loads = [w.load() for w in workers]
         pool = range(len(workers))
+        cache: dict[int, list[int]] = {}
         if tokens and _balance(self.cfg, loads):
-            cache: dict[int, list[int]] = {}
             hits = [self.feed.matched_tokens(w.url, tokens, cache) for w in workers]
             if max(hits) > 0:
                 pool = [i for i in pool if hits[i] == max(hits)]
         least = min(loads[i] for i in pool)
-        return workers[random.choice([i for i in pool if loads[i] == least])]
+        chosen = workers[random.choice([i for i in pool if loads[i] == least])]
+        if tokens:
+            self.feed.note_routed(chosen.url, tokens, cache)
+        return chosen
 
     def remove_worker(self, url: str) -> None:
         self.feed.forget(url)
