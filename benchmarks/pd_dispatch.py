@@ -29,24 +29,9 @@ import urllib.request
 from dataclasses import replace
 
 from pdserve.bench import BenchConfig, BenchResult, format_table, run_benchmarks
-from pdserve.deploy import Deployment, add_up_args, free_port, plan
+from pdserve.deploy import Deployment, free_port, start_deployment
 
 PY = sys.executable
-
-
-def start_deployment(log_dir: str) -> Deployment:
-    ap = argparse.ArgumentParser()
-    add_up_args(ap)
-    args = ap.parse_args(["--prefill", "2", "--decode", "1", "--prefill-policy", "kv_aware", "--port",
-                          str(free_port("127.0.0.1")), "--log-dir", log_dir])
-    dep = Deployment(plan(args, log_dir))
-    dep.start()
-    try:
-        dep.wait_ready()
-    except Exception:
-        dep.stop()
-        raise
-    return dep
 
 
 def pd_workers(dep: Deployment) -> tuple[list[tuple[str, str]], list[str]]:
@@ -124,7 +109,8 @@ def main() -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, kernel path "
           f"{default_isa()} (PDSERVE_CPU_ISA={os.environ.get('PDSERVE_CPU_ISA', 'unset')}), nixl backend")
     log_dir = tempfile.mkdtemp(prefix="pd-dispatch-")
-    dep = start_deployment(log_dir)
+    dep = start_deployment(["--prefill", "2", "--decode", "1", "--prefill-policy", "kv_aware", "--port",
+                            str(free_port("127.0.0.1")), "--log-dir", log_dir], log_dir)
     try:
         shared = BenchConfig(dataset="shared-prefix", num_groups=a.groups, prompts_per_group=a.per_group,
                              system_prompt_len=a.prefix_len, question_len=a.question_len, shared_prefix_output_len=4,

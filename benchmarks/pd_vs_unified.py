@@ -30,30 +30,18 @@ from pdserve.config import SCHEDULE_POLICIES
 from pdserve.deploy import (
     CHUNKED_PREFILL_SIZE,
     Deployment,
-    add_up_args,
     free_port,
-    plan,
+    start_deployment,
 )
 
 
 def start(unified: bool, a: argparse.Namespace, log_dir: str) -> tuple[Deployment, str]:
-    ap = argparse.ArgumentParser()
-    add_up_args(ap)
     port = free_port("127.0.0.1")
     chunk = a.unified_chunked_prefill_size if unified and a.unified_chunked_prefill_size else a.chunked_prefill_size
     argv = ["--port", str(port), "--transfer-backend", a.backend, "--log-dir", log_dir,
             "--chunked-prefill-size", str(chunk), "--schedule-policy", a.schedule_policy,
             "--prefill-layer-slices", str(a.prefill_layer_slices)] + (["--unified"] if unified else [])
-    args = ap.parse_args(argv)
-    os.makedirs(log_dir, exist_ok=True)
-    dep = Deployment(plan(args, log_dir))
-    dep.start()
-    try:
-        dep.wait_ready()
-    except Exception:
-        dep.stop()
-        raise
-    return dep, f"http://127.0.0.1:{port}"
+    return start_deployment(argv, log_dir), f"http://127.0.0.1:{port}"
 
 
 def workload(base_url: str, label: str, a: argparse.Namespace, rate: float, seed: int = 1) -> BenchConfig:

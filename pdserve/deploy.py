@@ -217,6 +217,21 @@ def _tail(path: str, n: int = 30) -> str:
         return ""
 
 
+def start_deployment(argv: list[str], log_dir: str) -> Deployment:
+    """`pdserve up` with these flags, started and ready (stopped again if it fails to start): for benchmarks."""
+    ap = argparse.ArgumentParser()
+    add_up_args(ap)
+    os.makedirs(log_dir, exist_ok=True)
+    dep = Deployment(plan(ap.parse_args(argv), log_dir))
+    dep.start()
+    try:
+        dep.wait_ready()
+    except BaseException:
+        dep.stop()
+        raise
+    return dep
+
+
 def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="HF directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--prefill", type=int, default=1, help="number of prefill servers")
