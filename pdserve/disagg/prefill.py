@@ -39,7 +39,7 @@ from pdserve.disagg.bootstrap import BootstrapServer, register_rank
 from pdserve.disagg.common import DisaggLink, RoomState, kv_checksum, now
 from pdserve.disagg.messages import AbortRoom, KVDestination, PeerRegister, TransferDone
 from pdserve.disagg.metadata import MetaRow
-from pdserve.disagg.kv_slicing import num_local_kv_heads
+from pdserve.disagg.peer_checks import destination_fits, layout_mismatch
 from pdserve.disagg.rank_transfer import (
     AddPeer,
     DecodeLayout,
@@ -298,7 +298,7 @@ class PrefillEngine:
             reason = (f"decode {name} has --page-size {msg.page_size}, this prefill {self.engine.config.page_size} "
                       "(prefill and decode must use the same page size)")
         else:
-            reason = self._layout_mismatch(name, layout, msg.agent)
+            reason = layout_mismatch(self.link, self.xfer, name, layout, msg.agent)
         peer = self.peers[name] = DecodePeer(msg.ctrl_addr, now(), refused=reason)
         if reason is not None:
             logger.warning("peer refused: %s", reason)
@@ -306,37 +306,6 @@ class PrefillEngine:
         self.xfer.add_peer(layout, extra_ranks=(0,))  # may raise (bad metadata): the peer stays unusable
         self.link.rank_call(encode_command(AddPeer(layout)))
         peer.agent = msg.agent
-
-    def _layout_mismatch(self, name: str, layout: DecodeLayout, agent: AgentInfo) -> str | None:
-        """Why a decode's registered memory cannot take this prefill's KV (None: it can). Every number here came
-        from the network: the writes are planned from them, so each is checked against this model's layout."""
-        link = self.link
-        if (layout.num_kv_heads, layout.head_bytes) != (link.num_kv_heads, link.head_bytes):
-            return (f"decode {name} has a different KV layout ({layout.num_kv_heads} KV heads of {layout.head_bytes} "
-                    f"bytes) from this prefill ({link.num_kv_heads} of {link.head_bytes}): different models or dtypes?")
-        if layout.agents[0] != agent:
-            return f"decode {name}: its rank 0 agent differs from the one it registers"
-        try:
-            self.xfer.decode_ranks(layout)  # raises for TP sizes that cannot map
-            item_bytes = num_local_kv_heads(link.num_kv_heads, len(layout.agents)) * link.head_bytes
-        except ValueError as e:
-            return f"decode {name}: {e}"
-        num_slots = None
-        for rank, a in enumerate(layout.agents):
-            kv = a.regions[: link.num_kv_regions]
-            if a.backend != link.transfer.name or len(a.regions) != link.num_kv_regions + (1 if rank == 0 else 0):
-                return (f"decode {name} has a different KV layout (rank {rank}: {len(a.regions)} regions of backend "
-                        f"{a.backend!r}; this prefill writes {link.num_kv_regions} KV regions with "
-                        f"{link.transfer.name!r}): different models or dtypes?")
-            if any(r.item_bytes != item_bytes or r.nbytes != kv[0].nbytes for r in kv) or kv[0].nbytes < item_bytes:
-                return (f"decode {name} has a different KV layout (rank {rank}: KV regions are not {item_bytes}-byte "
-                        "slots of one pool size)")
-            num_slots = num_slots or kv[0].nbytes // item_bytes
-            if kv[0].nbytes // item_bytes != num_slots:
-                return f"decode {name}: its TP ranks have pools of different sizes"
-        if agent.regions[link.meta_region].item_bytes != link.meta.row_bytes:
-            return f"decode {name}: its metadata rows are not {link.meta.row_bytes} bytes (a different pdserve?)"
-        return None
 
     def _release_idle_peers(self) -> None:
         t = now()
@@ -389,7 +358,7 @@ class PrefillEngine:
         slots = dest.slots() if err is None else ()
         if err is None and len(slots) != dest.prompt_len:
             err = f"the destination has {len(slots)} slots for a {dest.prompt_len}-token prompt"
-        elif err is None and not self._fits(agent, dest, slots):
+        elif err is None and not destination_fits(self.link, agent, dest, slots):
             err = "the destination lies outside the decode's registered memory"
         st.peer, st.nonce = dest.decode_agent, dest.nonce
         if err is None:
@@ -442,14 +411,6 @@ class PrefillEngine:
         st.state = TransferState.FAILED
         self.room_rid.pop(st.room, None)
         self.engine.scheduler.kv.release(req)
-
-    def _fits(self, agent: AgentInfo, dest: KVDestination, slots: tuple[int, ...]) -> bool:
-        """Every slot and the metadata row inside the regions the decode registered."""
-        kv, meta = agent.regions[0], agent.regions[self.link.meta_region]
-        num_slots = kv.nbytes // max(kv.item_bytes, 1)
-        stage_end = 0 if dest.stage_start is None else dest.stage_start + dest.prompt_len
-        return ((not slots or max(slots) < num_slots) and stage_end <= num_slots
-                and dest.meta_row < meta.nbytes // max(meta.item_bytes, 1))
 
     def _expire_waiting_input(self) -> list[RequestOutput]:
         """WAITING_FOR_INPUT past its deadline (the prefill could not compute it in time): abort it."""
