@@ -67,10 +67,12 @@ def test_percentile_matches_numpy():
 def test_summarize_definitions_and_goodput():
     recs = [record(0, 0.1, [0.05, 0.05, 0.05], 4), record(1, 0.3, [0.2, 0.2], 3),
             record(2, 0.2, [], 1), record(3, 0.1, [9.0], 2, success=False)]
+    recs[0].cached_len, recs[3].cached_len = 6, 10  # the failed request's does not count
     s = summarize(recs, duration=2.0, slo=Slo(ttft_ms=250, tpot_ms=100))
     assert tuple(s) == SUMMARY_KEYS and set(JSON_COLUMNS) <= set(s)
     assert s["completed"] == 3 and s["failed"] == 1
     assert s["total_input_tokens"] == 30 and s["total_output_tokens"] == 8
+    assert s["cache_hit_rate"] == pytest.approx(6 / 30)
     assert s["request_throughput"] == pytest.approx(1.5) and s["output_throughput"] == pytest.approx(4.0)
     assert s["mean_ttft_ms"] == pytest.approx(200.0)
     # TPOT (e2e - ttft) / (n - 1): 50 ms and 200 ms; the one-token request has none.
@@ -184,6 +186,19 @@ def test_bench_random(server, tmp_path):
     for name in ("ttft.png", "itl.png", "itl_timeline.png", "slo_attainment.png"):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
+
+
+def test_bench_shared_prefix_reports_the_cache_hit_rate(server, tmp_path):
+    """Groups sharing a prefix, one at a time: every prompt after a group's first finds the prefix cached, as
+    the server's usage (cached_tokens) says; the table and the JSON carry the hit rate."""
+    out = tmp_path / "sp.json"
+    r = bench(server, "--dataset", "shared-prefix", "--num-groups", "2", "--prompts-per-group", "3",
+              "--system-prompt-len", "48", "--question-len", "4", "--shared-prefix-output-len", "2",
+              "--max-concurrency", "1", "--warmup-requests", "0", "--seed", "9", "--output-file", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = json.loads(out.read_text())
+    # 4 of the 6 prompts hit their group's 48-token prefix (plus the separator), of ~55 prompt tokens each
+    assert 0.5 < d["cache_hit_rate"] < 0.7 and float(table_value(r.stdout, "Prefix cache hit rate:")) > 0.5
 
 
 def test_bench_interference(server, tmp_path):

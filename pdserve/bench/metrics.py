@@ -21,7 +21,7 @@ from pdserve.bench.config import Slo
 
 # Every key of a summary, in the order of the printed table; the JSON carries all of them.
 SUMMARY_KEYS = (
-    "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+    "completed", "failed", "duration", "total_input_tokens", "total_output_tokens", "cache_hit_rate",
     "request_throughput", "goodput", "input_throughput", "output_throughput", "total_throughput", "concurrency",
     "mean_e2e_latency_ms", "median_e2e_latency_ms", "std_e2e_latency_ms", "p99_e2e_latency_ms",
     "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms", "p99_ttft_ms",
