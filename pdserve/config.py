@@ -90,6 +90,9 @@ class EngineConfig:
             raise ValueError(f"mem_fraction_static must be in [0, 1), got {self.mem_fraction_static}")
         if self.kv_load_failure_policy not in ("fail", "recompute"):
             raise ValueError(f"kv_load_failure_policy must be fail or recompute, got {self.kv_load_failure_policy!r}")
+        if self.kv_events is not None and self.kv_events.block_size % self.page_size:
+            raise ValueError(f"--kv-events-config block_size {self.kv_events.block_size} must be a multiple of "
+                             f"--page-size {self.page_size}")
         if self.kv_events is not None and self.disable_radix_cache:
             raise ValueError("--kv-events-config publishes the prefix cache's blocks: it needs the radix cache "
                              "(drop --disable-radix-cache)")

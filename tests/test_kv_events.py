@@ -135,3 +135,17 @@ def test_routed_blocks_count_until_confirmed():
     assert index.matched_blocks(h) == 3 and len(index.pending) == 1
     index.pending = {k: 0.0 for k in index.pending}  # its time ran out
     assert index.matched_blocks(h) == 2
+
+
+def test_index_counts_ranks_and_clears_on_a_gap():
+    index = BlockIndex()
+    toks = list(range(8))
+    h = chain_hashes(toks, B, 2)
+    index.apply(KVEventBatch(0.0, [BlockStored(h, None, toks, B)], 0), 0)
+    index.apply(KVEventBatch(0.0, [BlockStored(h, None, toks, B)], 1), 0)  # data parallel rank 1 holds it too
+    index.apply(KVEventBatch(0.0, [BlockRemoved(h)], 0), 1)
+    assert index.matched_blocks(h) == 2  # rank 1 still holds both blocks
+    index.apply(KVEventBatch(0.0, [BlockRemoved(h[1:])], 1), 1)
+    assert index.matched_blocks(h) == 1
+    index.apply(KVEventBatch(0.0, [], 1), 5)  # rank 1 skipped messages 2..4: what we know may be stale
+    assert not index.held

@@ -86,6 +86,30 @@ def test_prefill_first_protocol_equals_unified(pair, unified_ids):
     wait_idle_and_free(prefill.server, decode)
 
 
+def test_prefill_first_logprobs_rid_and_a_second_claim(pair, server):
+    """The first token's logprob survives the hold; a request id in use by held KV is refused; a second claim of
+    the same room fails at once."""
+    prefill, decode = pair
+    body = completion(PROMPTS[5], 4, logprobs=1, rid="held-rid-1", kv_transfer_params={"do_remote_decode": True})
+    r = httpx.post(prefill.server.base_url + "/v1/completions", json={**body, "max_tokens": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    params = r.json()["kv_transfer_params"]
+    again = httpx.post(prefill.server.base_url + "/v1/completions", json={**body, "max_tokens": 1}, timeout=120)
+    assert again.status_code >= 400 and "in use" in again.json()["error"]["message"], again.text
+    got = httpx.post(decode.base_url + "/v1/completions", timeout=120,
+                     json=completion(PROMPTS[5], 4, logprobs=1, kv_transfer_params=params))
+    ref = httpx.post(server.base_url + "/v1/completions", json=completion(PROMPTS[5], 4, logprobs=1), timeout=120)
+    assert got.status_code == 200 and ref.status_code == 200, got.text
+    got_lp, ref_lp = (x.json()["choices"][0]["logprobs"]["token_logprobs"] for x in (got, ref))
+    assert got_lp == pytest.approx(ref_lp, abs=1e-3) and got_lp[0] != 0.0
+    t0 = time.monotonic()
+    second = httpx.post(decode.base_url + "/v1/completions", timeout=120,
+                        json=completion(PROMPTS[5], 4, kv_transfer_params=params))
+    assert second.status_code >= 500 and "claimed already" in second.json()["error"]["message"], second.text
+    assert time.monotonic() - t0 < 30
+    wait_idle_and_free(prefill.server, decode)
+
+
 def test_prefill_first_chat_streamed(pair):
     prefill, decode = pair
     messages = [{"role": "user", "content": "Name a color."}]
@@ -171,16 +195,23 @@ def test_router_dispatch_styles_equal_unified(pair, unified_ids, dispatch):
 
 
 def test_dead_prefill_and_the_recompute_policy(pair, unified_ids):
-    """A decode claiming KV from a dead prefill fails within its deadline; under --kv-load-failure-policy
-    recompute a decode prefills what did not come (a dead prefill's, a lease that ran out) itself: the same
-    greedy output."""
+    """A draining prefill keeps serving the KV it holds (and stays up while it holds some); a decode claiming KV
+    from a dead prefill fails within its deadline; under --kv-load-failure-policy recompute a decode prefills what
+    did not come (a dead prefill's, a lease that ran out) itself: the same greedy output."""
     prefill, decode = pair
     recompute = start_decode(BACKEND, ["--kv-load-failure-policy", "recompute"])
     try:
         expired = prefill_first(prefill, PROMPTS[2])
         lone = start_prefill(BACKEND)
         try:
-            dead = [prefill_first(lone, p) for p in PROMPTS[3:5]]
+            during_drain, *dead = [prefill_first(lone, p) for p in (PROMPTS[1], PROMPTS[3], PROMPTS[4])]
+            assert httpx.post(lone.server.base_url + "/drain", timeout=30).json()["draining"] is True
+            time.sleep(1.0)
+            assert lone.server.proc.poll() is None  # it holds KV for decodes: it waits for them
+            r = httpx.post(decode.base_url + "/v1/completions", timeout=120,
+                           json=completion(PROMPTS[1], kv_transfer_params=during_drain))
+            assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == unified_ids[PROMPTS[1]], r.text
+            assert lone.server.proc.poll() is None  # two rooms still held
         finally:
             stop_all(lone)
         t0 = time.monotonic()

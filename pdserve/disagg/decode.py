@@ -461,7 +461,8 @@ class DecodeEngine:
                     st.meta_row = None
                 if "stage" in st.extra:
                     self.engine.scheduler.kv.free_detached(st.extra.pop("stage"))
-            if self.config.kv_load_failure_policy == "recompute" and not client_abort and not req.finished:
+            if (self.config.kv_load_failure_policy == "recompute" and not client_abort and not req.finished
+                    and req.inputs_ready):  # an image prompt's embeddings are not here: it fails instead
                 self._recompute(req, reason)
                 return None
         return self.link.fail(req, reason)

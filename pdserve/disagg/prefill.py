@@ -137,6 +137,8 @@ class PrefillEngine:
         room = g.bootstrap.room
         if room in self.room_rid:
             raise ValueError(f"bootstrap_room {room} is already in use by another request")
+        if g.rid in self.held or g.rid in self.transferring:
+            raise ValueError(f"request id {g.rid!r} is in use: its KV is still held here for a decode")
         g = replace(g, sampling=g.sampling.with_max_new_tokens(1))
         self.engine.add_request(g)
         req = self.engine.requests[g.rid]
@@ -219,6 +221,7 @@ class PrefillEngine:
                      num_prefill_inflight_queue_reqs=len(self.transferring))
         return replace(r, extra={**r.extra, "control_frames_dropped": sum(self.link.ctrl.dropped.values()),
                                  "kv_held_reqs": len(self.held), "kv_held_total": self.num_held_total,
+                                 "kv_pending_reqs": len(self.held) + len(self.transferring),
                                  "kv_leases_expired": self.num_leases_expired,
                                  "kv_transfers_staged": self.num_staged,
                                  "kv_chunks_streamed": self.num_streamed_chunks},
@@ -272,7 +275,8 @@ class PrefillEngine:
                 self._release_held(self.held.pop(rid), f"decode aborted: {msg.reason}")
                 self._reply(msg.decode_agent, TransferDone(msg.room, ok=False, nonce=msg.nonce,
                                                            error="the decode aborted the room"))
-            elif rid is not None:
+                return []
+            if rid is not None:
                 out = self.abort(rid, f"decode aborted: {msg.reason}", by_client=False)  # tells it once safe
                 return [] if out is None else [out]
             # Not a live request here: nothing will be written; say so, so the decode frees the destination.
@@ -374,6 +378,8 @@ class PrefillEngine:
         self.waiting_input.pop(st.room, None)
         st.state, st.deadline = TransferState.KV_HELD, now() + self.engine.config.kv_lease_s
         st.extra["answered"] = True  # the KV's later write emits nothing
+        if req.pending_logprobs:  # the answer takes them with it; the metadata row is written at the claim
+            st.extra["first_logprob"] = req.pending_logprobs[0]
         self.held[req.rid] = req
         self.num_held_total += 1
         return True
@@ -383,12 +389,19 @@ class PrefillEngine:
         not and free the KV."""
         del self.held[req.rid]
         st: RoomState = req.disagg
-        err = self._take_destination(req, dest)
-        if err is None:
-            if self._start_transfer(req):
+        try:
+            err = self._take_destination(req, dest)
+            if err is None:
+                if self._start_transfer(req):
+                    self.failed_rooms[st.room] = ("the room's KV was claimed already", now())  # a second claim
+                    return
+                self._release_held(req, req.error or "the KV transfer could not start")  # _refuse told the decode
                 return
-            self._release_held(req, req.error or "the KV transfer could not start")  # _refuse told the decode
-            return
+        except TensorRanksFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - one claim fails, never the engine
+            logger.exception("room %d: claim failed", st.room)
+            err = f"the prefill could not start the KV transfer: {e}"
         self.link.stats.count_failure(in_bootstrap=False)
         self._notify(st, TransferDone(st.room, ok=False, nonce=st.nonce, error=err))
         self._release_held(req, err)
@@ -402,7 +415,6 @@ class PrefillEngine:
                 self.num_leases_expired += 1
                 reason = (f"the prefill's KV lease for room {st.room} ran out: no decode claimed it within "
                           f"{self.engine.config.kv_lease_s:g} s (--kv-lease-duration)")
-                self.failed_rooms[st.room] = (reason, t)  # a late decode hears it at once
                 self._release_held(req, reason)
 
     def _release_held(self, req: Request, reason: str) -> None:
@@ -410,6 +422,7 @@ class PrefillEngine:
         logger.info("room %d: held KV freed: %s", st.room, reason)
         st.state = TransferState.FAILED
         self.room_rid.pop(st.room, None)
+        self.failed_rooms[st.room] = (reason, now())  # a later destination for it hears why at once
         self.engine.scheduler.kv.release(req)
 
     def _expire_waiting_input(self) -> list[RequestOutput]:
@@ -465,7 +478,7 @@ class PrefillEngine:
         row = self.link.meta.alloc()
         if row is None:
             return self._refuse(req, "no free metadata row on the prefill")
-        lp = req.pending_logprobs[0] if req.pending_logprobs else None
+        lp = req.pending_logprobs[0] if req.pending_logprobs else st.extra.get("first_logprob")
         self.link.meta.write(row, MetaRow(st.room, st.nonce, req.output_ids[0], req.num_cached_tokens,
                                           lp.logprob if lp else 0.0, lp.top if lp else []))
         st.extra["local_row"] = row

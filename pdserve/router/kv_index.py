@@ -5,9 +5,11 @@ the KV cache events it publishes (pdserve/kv_events.py: vLLM's wire format; pdse
 The router follows a worker as soon as a policy sees it: it reads the worker's /server_info for its event
 endpoints (kv_events_endpoints) and subscribes (ZMQ SUB). Each BlockStored is re-hashed here from its token ids
 and its parent (so the publisher's hash function does not matter); a request matches a worker by how many of its
-leading full blocks that worker holds, or was just sent and will hold (a routed prompt's blocks count for
+leading full blocks that worker holds (on any of its data parallel ranks: a block is counted per rank that
+holds it), or was just sent and will hold (a routed prompt's blocks count for
 PENDING_TTL_S until its events confirm them, so a burst of one prefix follows its first request). The index is bounded per worker; a restarted publisher (its sequence
-numbers start again, or AllBlocksCleared) empties it."""
+numbers start again, or AllBlocksCleared) or a gap in its sequence numbers (missed messages) empties it: it
+refills from new events, never trusting a stale view."""
 
 from __future__ import annotations
 
@@ -36,27 +38,34 @@ class BlockIndex:
 
     def __init__(self) -> None:
         self.ours: dict[BlockHash, int] = {}  # publisher's hash -> our chained hash
-        self.held: set[int] = set()
+        self.held: dict[int, int] = {}  # our hash -> how many stores (data parallel ranks) hold it
         self.pending: dict[int, float] = {}  # our hash -> until when: routed here, not confirmed by an event yet
         self.block_size = 0  # from the events (0: none seen yet)
         self.last_seq: dict[int, int] = {}  # per data parallel rank
 
     def apply(self, batch: KVEventBatch, seq: int) -> None:
         rank = batch.data_parallel_rank or 0
-        if seq <= self.last_seq.get(rank, -1):  # the publisher restarted: what we knew is gone
+        last = self.last_seq.get(rank)
+        if last is not None and seq != last + 1:  # restarted (what we knew is gone) or messages missed
             self.clear()
-        self.last_seq[rank] = seq
+        if len(self.last_seq) < 4096 or rank in self.last_seq:
+            self.last_seq[rank] = seq
         for ev in batch.events:
             if isinstance(ev, BlockStored):
                 self._stored(ev)
             elif isinstance(ev, BlockRemoved):
                 for h in ev.block_hashes:
-                    ours = self.ours.pop(h, None)
+                    ours = self.ours.get(h)
                     if ours is not None:
-                        self.held.discard(ours)
+                        count = self.held.get(ours, 0) - 1
+                        if count > 0:
+                            self.held[ours] = count
+                        else:
+                            self.held.pop(ours, None)
+                            del self.ours[h]
             elif isinstance(ev, AllBlocksCleared):
                 self.clear()
-        if len(self.held) > MAX_BLOCKS_PER_WORKER:
+        if len(self.ours) > MAX_BLOCKS_PER_WORKER:
             self.clear()
 
     def _stored(self, ev: BlockStored) -> None:
@@ -73,7 +82,7 @@ class BlockIndex:
         for i, h in enumerate(ev.block_hashes):
             parent = chain_hashes(ev.token_ids[i * size:(i + 1) * size], size, 1, parent)[0]
             self.ours[h] = parent
-            self.held.add(parent)
+            self.held[parent] = self.held.get(parent, 0) + 1
             self.pending.pop(parent, None)
 
     def clear(self) -> None:
@@ -149,7 +158,9 @@ class KVEventFeed:
             while True:
                 try:
                     async with session.get(url + "/server_info") as r:
-                        info = await r.json() if r.status == 200 else {}
+                        if r.status != 200:
+                            raise ValueError(f"/server_info answered {r.status}")
+                        info = await r.json()
                     endpoints = info.get("kv_events_endpoints") if isinstance(info, dict) else None
                     if isinstance(endpoints, list) and endpoints and all(isinstance(e, str) for e in endpoints):
                         return endpoints, str(info.get("kv_events_topic") or "")
@@ -186,9 +197,9 @@ class KVEventFeed:
                     if len(frames) != 3 or len(frames[1]) != 8:
                         raise ValueError(f"{len(frames)} frames")
                     index.apply(decoder.decode(frames[2]), int.from_bytes(frames[1], "big"))
-                except (msgspec.DecodeError, ValueError) as e:  # one bad message, never the feed
+                except Exception as e:  # noqa: BLE001 - one bad message, never the feed
                     self.num_bad_messages += 1
-                    logger.warning("kv_aware: bad KV event message from %s: %s", url, e)
+                    logger.warning("kv_aware: bad KV event message from %s: %s: %s", url, type(e).__name__, e)
         except zmq.ZMQError as e:
             logger.warning("kv_aware: the KV event feed of %s failed: %s", url, e)
         finally:

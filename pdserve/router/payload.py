@@ -104,7 +104,9 @@ def prefill_first_body(body: dict) -> bytes:
     """The prefill's leg of prefill-first dispatch: one token, not streamed, keeping its KV for the decode."""
     out = {k: v for k, v in body.items()
            if k not in ("stream_options", "max_completion_tokens", "min_tokens", "kv_transfer_params")}
-    out.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True})
+    resumed = body.get("resume_output_ids")  # a migrated stream: the tokens already sent come first
+    out.update(max_tokens=1 + (len(resumed) if isinstance(resumed, list) else 0), stream=False,
+               kv_transfer_params={"do_remote_decode": True})
     return orjson.dumps(out)
 
 

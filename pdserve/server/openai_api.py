@@ -122,7 +122,9 @@ class OpenAIServing:
                     rid=base if total == 1 else f"{base}-{index}", input_ids=ids,
                     sampling=sampling_for_choice(sampling, i), return_logprob=logprobs is not None,
                     top_logprobs_num=logprobs or 0, logprob_start_len=logprob_start_len, stream=common.stream,
-                    bootstrap=kv_bootstrap or _bootstrap_of(common, index, total), mm=mm, routed_dp_rank=common.routed_dp_rank,
+                    bootstrap=kv_bootstrap or _bootstrap_of(common, index, total), mm=mm,
+                    # a held room lives on dp rank room % dp_size, where its decode looks for it
+                    routed_dp_rank=None if kv_bootstrap is not None and kv_bootstrap.hold_kv else common.routed_dp_rank,
                     resume_ids=common.resume_ids,
                 )))
         return choices

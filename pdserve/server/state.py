@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from pdserve import __version__
 from pdserve.config import EngineConfig, ServerConfig
 from pdserve.discovery import advertised_host
+from pdserve.engine.dp_client import loads_per_rank
 from pdserve.model.loader import model_display_name
 from pdserve.sampling_params import SamplingParams
 from pdserve.epd.front import MultimodalFront
@@ -29,12 +30,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 HEALTH_GENERATE_TIMEOUT_S = 60.0
 DRAIN_POLL_S = 0.05
+KV_PENDING_POLL_S = 0.25
 
 
 class Drain:
     """A graceful drain (SIGTERM or POST /drain): from `begin` on, new requests are refused with 503 and /health
     answers 503 (routers take the server out of rotation); the requests in flight finish (a prefill's answer ends
-    only once its KV reached the decode, so its KV is kept until then); then the server stops."""
+    only once its KV reached the decode, so its KV is kept until then; a prefill-first answer goes out first, so
+    the drain also waits for the KV it holds for decodes to be claimed and written, or its lease to run out);
+    then the server stops."""
 
     def __init__(self, gen: GenerationService, timeout_s: float) -> None:
         self.gen, self.timeout_s = gen, timeout_s
@@ -57,7 +61,17 @@ class Drain:
         deadline = time.monotonic() + self.timeout_s
         while self.gen.active and time.monotonic() < deadline and alive():
             await asyncio.sleep(DRAIN_POLL_S)
-        return not self.gen.active
+        while not self.gen.active and time.monotonic() < deadline and alive() and await self._kv_pending():
+            await asyncio.sleep(KV_PENDING_POLL_S)
+        return not self.gen.active and not await self._kv_pending()
+
+    async def _kv_pending(self) -> int:
+        """Answered requests whose KV a prefill still holds or writes for a decode (prefill first)."""
+        try:
+            loads = await loads_per_rank(self.gen.client)
+        except Exception:  # noqa: BLE001 - the engine is gone: nothing is pending there any more
+            return 0
+        return sum(load.extra.get("kv_pending_reqs", 0) for load in loads)
 
 
 @dataclass
