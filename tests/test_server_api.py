@@ -402,3 +402,24 @@ def test_served_model_name_enforced(secured_server):
     assert "gpt-4" in str(e.value)
     r = client.chat.completions.create(model=SERVED_MODEL_NAME, messages=CHAT, max_tokens=2)
     assert r.model == SERVED_MODEL_NAME and r.usage.completion_tokens == 2
+
+
+def test_tokenize_and_detokenize(server):
+    """vLLM's /tokenize and /detokenize: the ids the server computes for a prompt or a conversation."""
+    url = server.base_url
+    prompt = "The capital of France is"
+    t = httpx.post(url + "/tokenize", json={"prompt": prompt}, timeout=30).json()
+    c = httpx.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=60).json()
+    assert t["count"] == len(t["tokens"]) == c["usage"]["prompt_tokens"] and t["max_model_len"] > 0
+    assert httpx.post(url + "/detokenize", json={"tokens": t["tokens"]}, timeout=30).json()["prompt"].endswith(prompt)
+    messages = [{"role": "user", "content": "Name a color."}]
+    t = httpx.post(url + "/tokenize", json={"messages": messages}, timeout=30).json()
+    c = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 1}, timeout=60).json()
+    assert t["count"] == c["usage"]["prompt_tokens"]
+    for path, body, message in (("/tokenize", {"prompt": 5}, "prompt must be a string"),
+                                ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "add_special_tokens"),
+                                ("/tokenize", {"messages": []}, "messages"),
+                                ("/detokenize", {"tokens": [-1]}, "token ids"),
+                                ("/detokenize", [1, 2], "JSON object")):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], (path, r.text)

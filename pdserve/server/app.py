@@ -59,6 +59,14 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await state.openai.chat(protocol.parse_chat(await read_json(request)), request)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return json_response(state.openai.tokenize(protocol.require_object(await read_json(request))))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return json_response(state.openai.detokenize(protocol.require_object(await read_json(request))))
+
     @app.get("/v1/models")
     async def models() -> Response:
         return json_response(state.openai.models())

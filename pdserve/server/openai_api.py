@@ -17,7 +17,13 @@ from pdserve.engine.messages import TokenLogprob
 from pdserve.epd.front import MultimodalFront
 from pdserve.server.errors import BadRequestError, EngineError
 from pdserve.server.generation import GenChunk, GenerationService, GenInput, GenResult, collect, merge
-from pdserve.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAICommon, sampling_for_choice
+from pdserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAICommon,
+    parse_chat,
+    sampling_for_choice,
+)
 from pdserve.server.streaming import SSE_DONE, json_response, sse_error, sse_event, sse_response, unless_disconnected
 from pdserve.server.tokenization import PromptEncoder
 
@@ -157,6 +163,30 @@ class OpenAIServing:
             "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.pd.engine_id,
             "remote_host": self.pd.bootstrap_host, "remote_port": self.pd.bootstrap_port,
             "remote_bootstrap_room": b.room, "tp_size": self.pd.tp_size}}
+
+    # ---- /tokenize, /detokenize (vLLM's; KV-aware routers such as vllm-router tokenize through them) ----------
+    def tokenize(self, body: dict) -> dict[str, object]:
+        """A prompt (`prompt`; `add_special_tokens`, default true) or a conversation (`messages`, through the chat
+        template) -> the token ids this server computes for it."""
+        if "messages" in body:
+            req = parse_chat({"messages": body["messages"], "chat_template_kwargs": body.get("chat_template_kwargs")})
+            tokens = self.encoder.encode_chat(req.messages, req.chat_template_kwargs)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise BadRequestError("prompt must be a string (or give messages)", param="prompt")
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise BadRequestError("add_special_tokens must be a boolean", param="add_special_tokens")
+            tokens = list(self.gen.tokenizer.encode(prompt, add_special_tokens=special))
+        return {"count": len(tokens), "max_model_len": self.gen.context_len, "tokens": tokens, "token_strs": None}
+
+    def detokenize(self, body: dict) -> dict[str, object]:
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.gen.vocab_size for t in tokens):
+            raise BadRequestError(f"tokens must be a list of token ids in [0, {self.gen.vocab_size})", param="tokens")
+        return {"prompt": self.gen.tokenizer.decode(tokens)}
 
     # ---- /v1/completions --------------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest, request: Request) -> Response:

@@ -75,7 +75,7 @@ def _sampling(d: dict, param: str | None) -> SamplingParams:
         raise BadRequestError(str(e), param=param) from None
 
 
-def _require_object(body: object) -> dict:
+def require_object(body: object) -> dict:
     if not isinstance(body, dict):
         raise BadRequestError("request body must be a JSON object")
     return body
@@ -156,7 +156,7 @@ def _int_entry(default: int | None) -> Callable[[dict, str], int | None]:
 
 
 def parse_generate(body: object) -> GenerateReqInput:
-    body = _require_object(body)
+    body = require_object(body)
     text, input_ids = body.get("text"), body.get("input_ids")
     if (text is None) == (input_ids is None):
         raise BadRequestError("exactly one of text and input_ids is required")
@@ -416,7 +416,7 @@ class CompletionRequest:
 
 
 def parse_completion(body: object) -> CompletionRequest:
-    body = _require_object(body)
+    body = require_object(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]
@@ -488,7 +488,7 @@ def _message_content(content: object, i: int, images: list[str]) -> str:
 
 
 def parse_chat(body: object) -> ChatCompletionRequest:
-    body = _require_object(body)
+    body = require_object(body)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise BadRequestError("messages must be a non-empty list", param="messages")
@@ -533,7 +533,7 @@ class AbortReq:
 
 def parse_profile(body: object, start: bool) -> ProfileRequest:
     """/start_profile's body (SGLang's ProfileReqInput; every field optional, an empty body allowed)."""
-    body = _require_object(body if body is not None else {})
+    body = require_object(body if body is not None else {})
     activities = body.get("activities")
     if activities is None:
         activities = ["CPU", "GPU"]
@@ -552,7 +552,7 @@ def parse_profile(body: object, start: bool) -> ProfileRequest:
 
 
 def parse_abort(body: object) -> AbortReq:
-    body = _require_object(body)
+    body = require_object(body)
     rid = _get_str(body, "rid") or ""
     abort_all = _get_bool(body, "abort_all")
     if not rid and not abort_all:
