@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import urllib.request
 from dataclasses import replace
 
 from pdserve.bench import BenchConfig, BenchResult, format_table, run_benchmarks
-from pdserve.deploy import Deployment, free_port, start_deployment
+from pdserve.deploy import Child, Deployment, free_port, start_deployment
 
 PY = sys.executable
 
@@ -40,40 +39,19 @@ def pd_workers(dep: Deployment) -> tuple[list[tuple[str, str]], list[str]]:
     return prefills, [c.url for c in dep.children if c.name.startswith("decode-")]
 
 
-class Router:
-    """A pdserve router in front of the deployment's workers, with its own flags."""
-
-    def __init__(self, dep: Deployment, log_dir: str, name: str, flags: list[str], num_prefills: int = 2) -> None:
-        prefills, decodes = pd_workers(dep)
-        self.port = free_port("127.0.0.1")
-        cmd = [PY, "-m", "pdserve.launch_router", "--pd-disaggregation", "--host", "127.0.0.1", "--port",
-               str(self.port), *flags]
-        for url, bootstrap_port in prefills[:num_prefills]:
-            cmd += ["--prefill", url, bootstrap_port]
-        for url in decodes:
-            cmd += ["--decode", url]
-        self.log = open(os.path.join(log_dir, f"router-{name}.log"), "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"router {name} did not start (log {self.log.name})")
-            try:
-                with urllib.request.urlopen(self.url + "/readiness", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.3)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_router(dep: Deployment, log_dir: str, name: str, flags: list[str],
+                 num_prefills: int = 2) -> tuple[Deployment, str]:
+    """A pdserve router in front of the deployment's workers, with its own flags (a deployment of its own)."""
+    prefills, decodes = pd_workers(dep)
+    url = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    cmd = [PY, "-m", "pdserve.launch_router", "--pd-disaggregation", "--host", "127.0.0.1", "--port",
+           url.rsplit(":", 1)[1], *flags]
+    for prefill_url, bootstrap_port in prefills[:num_prefills]:
+        cmd += ["--prefill", prefill_url, bootstrap_port]
+    for decode_url in decodes:
+        cmd += ["--decode", decode_url]
+    router = Child(f"router-{name}", cmd, url, "/readiness", os.path.join(log_dir, f"router-{name}.log"))
+    return Deployment([router]).start_ready(120), url
 
 
 def flush(dep: Deployment) -> None:
@@ -86,12 +64,11 @@ def flush(dep: Deployment) -> None:
 def run(dep: Deployment, log_dir: str, name: str, flags: list[str], cfg: BenchConfig,
         num_prefills: int = 2) -> BenchResult:
     flush(dep)
-    router = Router(dep, log_dir, name, flags, num_prefills)
+    router, url = start_router(dep, log_dir, name, flags, num_prefills)
     try:
-        cfg = replace(cfg, base_url=router.url, label=name)
-        return asyncio.run(run_benchmarks({name: cfg}))[name]
+        return asyncio.run(run_benchmarks({name: replace(cfg, base_url=url, label=name)}))[name]
     finally:
-        router.close()
+        router.stop()
 
 
 def main() -> int:

@@ -155,6 +155,16 @@ class Deployment:
                                       preexec_fn=preexec, env=env)
             log.close()
 
+    def start_ready(self, timeout: float = READY_TIMEOUT_S) -> Deployment:
+        """start(), then wait_ready(); stopped again if it does not become ready."""
+        self.start()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc is not None and c.proc.poll() is not None), None)
 
@@ -222,14 +232,7 @@ def start_deployment(argv: list[str], log_dir: str) -> Deployment:
     ap = argparse.ArgumentParser()
     add_up_args(ap)
     os.makedirs(log_dir, exist_ok=True)
-    dep = Deployment(plan(ap.parse_args(argv), log_dir))
-    dep.start()
-    try:
-        dep.wait_ready()
-    except BaseException:
-        dep.stop()
-        raise
-    return dep
+    return Deployment(plan(ap.parse_args(argv), log_dir)).start_ready()
 
 
 def add_up_args(p: argparse.ArgumentParser) -> None:

@@ -81,8 +81,9 @@ class KVEventsConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
 
     @classmethod
-    def parse(cls, text: str) -> KVEventsConfig | None:
-        """None when events are off. ValueError for anything malformed."""
+    def parse(cls, text: str, host: str = "127.0.0.1") -> KVEventsConfig | None:
+        """None when events are off. ValueError for anything malformed, or an endpoint not on `host` (the
+        server's --host)."""
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
@@ -99,11 +100,12 @@ class KVEventsConfig:
             raise ValueError(f"--kv-events-config: publisher must be zmq, got {raw['publisher']!r}")
         cfg = cls(str(raw.get("endpoint", cls.endpoint)), str(raw.get("topic", cls.topic)),
                   raw.get("block_size", DEFAULT_BLOCK_SIZE))
-        cfg.bind_address("127.0.0.1", 0)  # checks the endpoint's form
+        cfg.bind_address(host, 0)  # checks the endpoint's form and host
         return cfg
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or not 1 <= self.block_size <= 4096:
+        size = self.block_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
             raise ValueError(f"kv events block_size must be an integer in 1..4096, got {self.block_size!r}")
 
     def bind_address(self, host: str, dp_rank: int) -> str:

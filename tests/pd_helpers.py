@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -40,6 +41,18 @@ def start_decode(backend: str, extra: list[str] = (), env: dict | None = None, p
     args = ["--num-threads", "1", "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend,
             "--max-total-tokens", "8192", *extra]
     return start_server(args, env={**SIGNED, **FAST_HEARTBEAT, **(env or {})}, port=port, **where)
+
+
+def pd_pair(backend: str, prefill_extra: list[str] = ()) -> Iterator[tuple[Prefill, ServerProcess]]:
+    """A prefill and a decode for a module fixture (`yield from` / iterate): started, yielded, stopped."""
+    prefill = start_prefill(backend, prefill_extra)
+    try:
+        decode = start_decode(backend)
+    except Exception:
+        stop_all(prefill)
+        raise
+    yield prefill, decode
+    stop_all(prefill, decode)
 
 
 def with_bootstrap(body: dict, prefill: Prefill, room: int | None = None) -> dict:

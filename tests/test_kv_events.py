@@ -116,6 +116,8 @@ def test_kv_events_config():
     cfg = KVEventsConfig.parse('{"enable_kv_cache_events": true, "endpoint": "tcp://*:6000", "block_size": 8}')
     assert cfg.bind_address("127.0.0.1", 2) == "tcp://127.0.0.1:6002" and cfg.block_size == 8
     assert KVEventsConfig.parse('{"enable_kv_cache_events": true, "endpoint": "tcp://127.0.0.1:6000"}')
+    # an endpoint naming the server's own --host
+    assert KVEventsConfig.parse('{"enable_kv_cache_events": true, "endpoint": "tcp://10.1.2.3:6000"}', "10.1.2.3")
     for bad, message in (("nope", "not JSON"), ("[]", "JSON object"), ('{"x": 1}', "unknown keys"),
                          ('{"enable_kv_cache_events": true, "publisher": "null"}', "publisher"),
                          ('{"enable_kv_cache_events": true, "endpoint": "tcp://10.1.2.3:6000"}', "another host"),

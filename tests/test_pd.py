@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.engine_helpers import PROMPTS
-from tests.pd_helpers import flush, load, pd_post, start_decode, start_prefill, stop_all
+from tests.pd_helpers import flush, load, pd_pair, pd_post, start_decode, start_prefill, stop_all
 
 BACKENDS = ["nixl", "mooncake", "fake"]
 MAX_NEW = 16
@@ -45,14 +45,8 @@ def unified_outputs(server):
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def pd(request):
-    prefill = start_prefill(request.param)
-    try:
-        decode = start_decode(request.param)
-    except Exception:
-        stop_all(prefill)
-        raise
-    yield request.param, prefill, decode
-    stop_all(prefill, decode)
+    for prefill, decode in pd_pair(request.param):
+        yield request.param, prefill, decode
 
 
 def test_pd_greedy_equals_unified(pd, unified_outputs):

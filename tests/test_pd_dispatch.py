@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from pdserve.bench.datasets import WORDS
-from tests.conftest import ServerProcess, free_port, stop_server
+from tests.conftest import ServerProcess, free_port, stop_server, wait_ok
 from tests.engine_helpers import PROMPTS
 from tests.loadgen_helpers import TOOLS_DIR
-from tests.pd_helpers import load, response_text, start_decode, start_prefill, stop_all
+from tests.pd_helpers import load, pd_pair, response_text, start_decode, start_prefill, stop_all
 from tests.test_pd import wait_idle_and_free
 from tests.test_router import Cluster, router
 
@@ -50,14 +50,7 @@ def unified_ids(server):
 
 @pytest.fixture(scope="module")
 def pair():
-    prefill = start_prefill(BACKEND, ["--kv-lease-duration", str(LEASE_S), *kv_events_args()])
-    try:
-        decode = start_decode(BACKEND)
-    except Exception:
-        stop_all(prefill)
-        raise
-    yield prefill, decode
-    stop_all(prefill, decode)
+    yield from pd_pair(BACKEND, ["--kv-lease-duration", str(LEASE_S), *kv_events_args()])
 
 
 def prefill_first(prefill, prompt: str) -> dict:
@@ -254,15 +247,7 @@ def test_vllm_router_drives_pdserve(pair, server):
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     r = ServerProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, f"vllm-router did not start:\n{r.log()}"
-            try:
-                if httpx.get(r.base_url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_ok(r, "/health", 60, "vllm-router", interval_s=0.3, request_timeout_s=5)
         model = httpx.get(server.base_url + "/v1/models", timeout=30).json()["data"][0]["id"]
         for (path, body), stream in itertools.product((("/v1/chat/completions", CHAT),
                                                        ("/v1/completions", COMPLETION)), (False, True)):

@@ -426,10 +426,10 @@ class DecodeEngine:
         for held in self._release_where(lambda held: t >= held.until):
             logger.warning("room %d: no word from the prefill in %.0f s; its quarantined destination is released",
                            held.room, QUARANTINE_TTL_S)
-        outs = [self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
-                                f"{ENVS.disagg_waiting_timeout_s:.0f} s (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")
-                for req in list(self.rooms.values()) if t >= req.disagg.deadline]
-        return [out for out in outs if out is not None]
+        return [out for req in list(self.rooms.values()) if t >= req.disagg.deadline
+                if (out := self._fail(req, f"waiting timeout: the KV for room {req.disagg.room} did not arrive within "
+                                           f"{ENVS.disagg_waiting_timeout_s:.0f} s "
+                                           "(SGLANG_DISAGGREGATION_WAITING_TIMEOUT)")) is not None]
 
     def _fail(self, req: Request, reason: str, prefill_done: bool = False,
               client_abort: bool = False) -> RequestOutput | None:

@@ -156,10 +156,10 @@ class PrefillEngine:
 
     def abort(self, rid: str, reason: str = "aborted", by_client: bool = True) -> RequestOutput | None:
         """by_client: the client gave up (the engine loop's AbortRequest), not a PD failure."""
-        req = self.engine.requests.get(rid) or self.transferring.get(rid)
         if rid in self.held:
             self._release_held(self.held.pop(rid), f"aborted: {reason}")
             return None  # answered already
+        req = self.engine.requests.get(rid) or self.transferring.get(rid)
         if req is None:
             return None
         st: RoomState = req.disagg

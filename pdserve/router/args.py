@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from pdserve.router.config import (
-    DEFAULT_BOOTSTRAP_PORT, DISPATCH_STYLES, LOG_LEVELS, POLICIES, BreakerConfig, CacheAwareConfig, HealthConfig, RetryConfig,
-    RouterConfig, WorkerSpec,
+    DEFAULT_BOOTSTRAP_PORT, DISPATCH_STYLES, LOG_LEVELS, POLICIES, BreakerConfig, CacheAwareConfig, HealthConfig,
+    RetryConfig, RouterConfig, WorkerSpec,
 )
 
 _R, _C, _RT, _H, _B = RouterConfig(), CacheAwareConfig(), RetryConfig(), HealthConfig(), BreakerConfig()

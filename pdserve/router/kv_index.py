@@ -1,15 +1,15 @@
-"""KV-aware routing (--policy / --prefill-policy kv_aware): what each worker's prefix cache holds, exactly, from
-the KV cache events it publishes (pdserve/kv_events.py: vLLM's wire format; pdserve servers with
---kv-events-config, vLLM and SGLang servers alike), and the request's token ids (RouteTokenizer).
+"""KV-aware routing (--policy / --prefill-policy kv_aware): what each worker's prefix cache holds, exactly, from the KV
+cache events it publishes (pdserve/kv_events.py: vLLM's wire format; pdserve servers with --kv-events-config, vLLM
+and SGLang servers alike), and the request's token ids (RouteTokenizer).
 
-The router follows a worker as soon as a policy sees it: it reads the worker's /server_info for its event
-endpoints (kv_events_endpoints) and subscribes (ZMQ SUB). Each BlockStored is re-hashed here from its token ids
-and its parent (so the publisher's hash function does not matter); a request matches a worker by how many of its
-leading full blocks that worker holds (on any of its data parallel ranks: a block is counted per rank that
-holds it), or was just sent and will hold (a routed prompt's blocks count for
-PENDING_TTL_S until its events confirm them, so a burst of one prefix follows its first request). The index is bounded per worker; a restarted publisher (its sequence
-numbers start again, or AllBlocksCleared) or a gap in its sequence numbers (missed messages) empties it: it
-refills from new events, never trusting a stale view."""
+The router follows a worker as soon as a policy sees it: it reads the worker's /server_info for its event endpoints
+(kv_events_endpoints) and subscribes (ZMQ SUB). Each BlockStored is re-hashed here from its token ids and its parent
+(so the publisher's hash function does not matter); a request matches a worker by how many of its leading full
+blocks that worker holds (on any of its data parallel ranks: a block is counted per rank that holds it), or was just
+sent and will hold (a routed prompt's blocks count for PENDING_TTL_S until its events confirm them, so a burst of
+one prefix follows its first request). The index is bounded per worker; a restarted publisher (its sequence numbers
+start again, or AllBlocksCleared) or a gap in its sequence numbers (missed messages) empties it: it refills from new
+events, never trusting a stale view."""
 
 from __future__ import annotations
 
@@ -106,6 +106,13 @@ class BlockIndex:
         return n
 
 
+def _prompt_hashes(tokens: Sequence[int], block_size: int, cache: dict[int, list[int]]) -> list[int]:
+    """The prompt's chained block hashes for this block size, computed once per request (cache)."""
+    if block_size not in cache:
+        cache[block_size] = chain_hashes(tokens, block_size, len(tokens) // block_size)
+    return cache[block_size]
+
+
 class KVEventFeed:
     """One subscription per followed worker, each feeding that worker's BlockIndex."""
 
@@ -137,19 +144,13 @@ class KVEventFeed:
         index = self.indexes.get(url)
         if index is None or not index.block_size:
             return 0
-        size = index.block_size
-        if size not in cache:
-            cache[size] = chain_hashes(tokens, size, len(tokens) // size)
-        return index.matched_blocks(cache[size]) * size
+        return index.matched_blocks(_prompt_hashes(tokens, index.block_size, cache)) * index.block_size
 
     def note_routed(self, url: str, tokens: Sequence[int], cache: dict[int, list[int]]) -> None:
         """The prompt went to this worker: its blocks count as held there until confirmed or PENDING_TTL_S."""
         index = self.indexes.get(url)
         if index is not None and index.block_size:
-            size = index.block_size
-            if size not in cache:
-                cache[size] = chain_hashes(tokens, size, len(tokens) // size)
-            index.note_routed(cache[size])
+            index.note_routed(_prompt_hashes(tokens, index.block_size, cache))
 
     async def _endpoints(self, url: str) -> tuple[list[str], str]:
         """The worker's event endpoints and topic (from /server_info), waiting while it has none."""

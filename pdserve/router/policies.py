@@ -64,6 +64,12 @@ class PowerOfTwoPolicy(Policy):
         return a if la < lb else b
 
 
+def _balanced(cfg: CacheAwareConfig, loads: Sequence[float]) -> bool:
+    """Load balanced enough to follow the cache: not beyond both of SGLang's thresholds (cache_aware, kv_aware)."""
+    lo, hi = min(loads), max(loads)
+    return not (hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold)
+
+
 class CacheAwarePolicy(Policy):
     """SGLang's cache-aware routing: while load is balanced, the worker holding the longest prefix of the prompt
     (if it covers more than `cache_threshold` of it), else the least loaded; when load is imbalanced beyond both
@@ -82,10 +88,8 @@ class CacheAwarePolicy(Policy):
             chosen = workers[0]
         else:
             loads = [w.load() for w in workers]
-            lo, hi = min(loads), max(loads)
-            imbalanced = hi - lo > self.cfg.balance_abs_threshold and hi > lo * self.cfg.balance_rel_threshold
             chosen = None
-            if not imbalanced and text:
+            if text and _balanced(self.cfg, loads):
                 urls = {w.url for w in workers}
                 tenant, matched = self.tree.match(text, urls)
                 if tenant is not None and matched / len(text) > self.cfg.cache_threshold:
@@ -102,12 +106,6 @@ class CacheAwarePolicy(Policy):
 
     def evict(self) -> None:
         self.tree.evict(self.cfg.max_tree_size)
-
-
-def _balance(cfg: CacheAwareConfig, loads: Sequence[float]) -> bool:
-    """Load balanced enough to follow the cache (SGLang's two thresholds)."""
-    lo, hi = min(loads), max(loads)
-    return not (hi - lo > cfg.balance_abs_threshold and hi > lo * cfg.balance_rel_threshold)
 
 
 class KvAwarePolicy(Policy):
@@ -129,10 +127,11 @@ class KvAwarePolicy(Policy):
         loads = [w.load() for w in workers]
         pool = range(len(workers))
         cache: dict[int, list[int]] = {}
-        if tokens and _balance(self.cfg, loads):
+        if tokens and _balanced(self.cfg, loads):
             hits = [self.feed.matched_tokens(w.url, tokens, cache) for w in workers]
-            if max(hits) > 0:
-                pool = [i for i in pool if hits[i] == max(hits)]
+            best = max(hits)
+            if best > 0:
+                pool = [i for i in pool if hits[i] == best]
         least = min(loads[i] for i in pool)
         chosen = workers[random.choice([i for i in pool if loads[i] == least])]
         if tokens:

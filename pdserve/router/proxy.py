@@ -1,11 +1,12 @@
 """Proxying: pick a worker (pair), send, relay the answer, retry on another one while nothing reached the client.
 
 PD mode (--dispatch parallel, SGLang's) sends the same body (with bootstrap fields) to a prefill and a decode at
-once and answers with the decode's response; decode-first sends the decode's leg before the prefill's;
-prefill-first (vLLM's) waits for the prefill's one-token answer and sends the decode its kv_transfer_params. Both legs run as tasks; when the prefill fails, a done-callback cancels the decode leg (or
-closes its connection while relaying), and when the decode fails, the prefill leg is cancelled: no leg waits for
-a timeout. Closing an upstream connection makes the worker abort the request. Upstream requests go through
-upstream.UpstreamClient (keep-alive pools; aiohttp's client cost several times the CPU per request)."""
+once and answers with the decode's response; decode-first sends the decode's leg before the prefill's; prefill-first
+(vLLM's) waits for the prefill's one-token answer and sends the decode its kv_transfer_params. Both legs run as
+tasks; when the prefill fails, a done-callback cancels the decode leg (or closes its connection while relaying), and
+when the decode fails, the prefill leg is cancelled: no leg waits for a timeout. Closing an upstream connection
+makes the worker abort the request. Upstream requests go through upstream.UpstreamClient (keep-alive pools;
+aiohttp's client cost several times the CPU per request)."""
 
 from __future__ import annotations
 
@@ -108,10 +109,11 @@ class _Migration:
     """A stream the router may continue on another pair (stream migration): what re-issuing it needs, the
     tracker of what the client got, and the client's response once it began."""
 
-    __slots__ = ("ep", "body", "text", "tracker", "excluded", "out", "count", "clean", "released")
+    __slots__ = ("ep", "body", "text", "tokens", "tracker", "excluded", "out", "count", "clean", "released")
 
-    def __init__(self, ep: Endpoint, body: dict, text: str | None, tracker: payload.StreamTracker) -> None:
-        self.ep, self.body, self.text, self.tracker = ep, body, text, tracker
+    def __init__(self, ep: Endpoint, body: dict, text: str | None, tokens: list[int] | None,
+                 tracker: payload.StreamTracker) -> None:
+        self.ep, self.body, self.text, self.tokens, self.tracker = ep, body, text, tokens, tracker
         self.excluded: list[Worker] = []
         self.out: web.StreamResponse | None = None
         self.count = 0  # migrations so far
@@ -190,7 +192,8 @@ class Proxy:
                     strip = body.get("return_token_ids") is not True
                     body = {**body, "return_token_ids": True}
                     raw = orjson.dumps(body)
-                mig = _Migration(ep, dict(body), text, payload.StreamTracker(ep.kind, strip))  # before any injection
+                mig = _Migration(ep, dict(body), text, tokens,  # before any injection
+                                 payload.StreamTracker(ep.kind, strip))
             return await self._with_retries(request, ep, raw, body, text, mig, tokens)
         finally:
             self.num_inflight -= 1
@@ -544,7 +547,7 @@ class Proxy:
             mig.tracker.restart()
             body = {**mig.body, "resume_output_ids": list(mig.tracker.ids)}
             try:
-                prefill, worker = self._pick(mig.text, mig.excluded)
+                prefill, worker = self._pick(mig.text, mig.excluded, mig.tokens)
                 await self._attempt(request, mig.ep, orjson.dumps(body), body, prefill, worker, mig)
                 return mig.clean
             except Failure as f:

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from pdserve.router.payload import CHAT, COMPLETIONS, GENERATE
 from pdserve.server.errors import BadRequestError
-from pdserve.server.protocol import parse_chat
+from pdserve.server.protocol import is_int_list, parse_chat
 from pdserve.server.tokenization import PromptEncoder
-
-
-def _int_list(v: object) -> bool:
-    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
 
 
 class RouteTokenizer:
@@ -31,9 +27,9 @@ class RouteTokenizer:
             prompt = body.get("input_ids") if kind == GENERATE else body.get("prompt")
             if prompt is None and kind == GENERATE:
                 prompt = body.get("text")
-            if kind == COMPLETIONS and isinstance(prompt, list) and len(prompt) == 1 and not _int_list(prompt):
+            if kind == COMPLETIONS and isinstance(prompt, list) and len(prompt) == 1 and not is_int_list(prompt):
                 prompt = prompt[0]
-            if _int_list(prompt):
+            if is_int_list(prompt):
                 return prompt  # type: ignore[return-value]
             return self.encoder.encode_text(prompt) if isinstance(prompt, str) else None
         except (BadRequestError, ValueError, TypeError):

@@ -178,7 +178,7 @@ class OpenAIServing:
             special = body.get("add_special_tokens", True)
             if not isinstance(special, bool):
                 raise BadRequestError("add_special_tokens must be a boolean", param="add_special_tokens")
-            tokens = list(self.gen.tokenizer.encode(prompt, add_special_tokens=special))
+            tokens = self.encoder.encode_text(prompt, add_special_tokens=special)
         return {"count": len(tokens), "max_model_len": self.gen.context_len, "tokens": tokens, "token_strs": None}
 
     def detokenize(self, body: dict) -> dict[str, object]:

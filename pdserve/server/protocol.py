@@ -28,7 +28,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_int_list(v: object) -> bool:
+def is_int_list(v: object) -> bool:
     return isinstance(v, list) and all(_is_int(x) for x in v)
 
 
@@ -171,9 +171,9 @@ def parse_generate(body: object) -> GenerateReqInput:
             raise BadRequestError("text must be a string or a non-empty list of strings", param="text")
         ids = [None] * len(texts)
     else:
-        if _is_int_list(input_ids):
+        if is_int_list(input_ids):
             ids, is_batch = [list(input_ids)], False
-        elif isinstance(input_ids, list) and input_ids and all(_is_int_list(x) for x in input_ids):
+        elif isinstance(input_ids, list) and input_ids and all(is_int_list(x) for x in input_ids):
             ids, is_batch = [list(x) for x in input_ids], True
         else:
             raise BadRequestError("input_ids must be a list of integers or a list of such lists", param="input_ids")
@@ -228,7 +228,7 @@ def resume_output_ids(body: dict) -> tuple[int, ...]:
     v = body.get("resume_output_ids")
     if v is None:
         return ()
-    if not _is_int_list(v):
+    if not is_int_list(v):
         raise BadRequestError("resume_output_ids must be a list of token ids", param="resume_output_ids")
     return tuple(v)
 
@@ -420,9 +420,9 @@ def parse_completion(body: object) -> CompletionRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]
-    elif _is_int_list(prompt) and prompt:
+    elif is_int_list(prompt) and prompt:
         prompts = [list(prompt)]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_int_list(p) for p in prompt):
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_int_list(p) for p in prompt):
         prompts = [p if isinstance(p, str) else list(p) for p in prompt]
     else:
         raise BadRequestError("prompt must be a string, a list of strings or a list of token ids", param="prompt")

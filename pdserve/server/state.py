@@ -61,9 +61,13 @@ class Drain:
         deadline = time.monotonic() + self.timeout_s
         while self.gen.active and time.monotonic() < deadline and alive():
             await asyncio.sleep(DRAIN_POLL_S)
-        while not self.gen.active and time.monotonic() < deadline and alive() and await self._kv_pending():
+        if self.gen.active:
+            return False
+        pending = await self._kv_pending()
+        while pending and time.monotonic() < deadline and alive():
             await asyncio.sleep(KV_PENDING_POLL_S)
-        return not self.gen.active and not await self._kv_pending()
+            pending = await self._kv_pending()
+        return not pending
 
     async def _kv_pending(self) -> int:
         """Answered requests whose KV a prefill still holds or writes for a decode (prefill first)."""
@@ -115,10 +119,11 @@ def pd_role(eng: EngineConfig) -> PDRole:
                   eng.instance_id or f"{host}:{eng.bootstrap_port}", eng.tp_size)
 
 
-def kv_events_endpoints(eng: EngineConfig) -> list[str]:
+def kv_events_endpoints(eng: EngineConfig, host: str) -> list[str]:
+    """Where the replicas publish KV events, on `host` (the advertised one, PDRole.bootstrap_host)."""
     if eng.kv_events is None:
         return []
-    return [eng.kv_events.address(advertised_host(eng.host), rank) for rank in range(eng.dp_size)]
+    return [eng.kv_events.address(host, rank) for rank in range(eng.dp_size)]
 
 
 def server_info(state: ServerState) -> dict[str, object]:
@@ -150,7 +155,7 @@ def server_info(state: ServerState) -> dict[str, object]:
         "disaggregation_bootstrap_port": eng.bootstrap_port,
         "disaggregation_ib_device": eng.ib_device,
         # where this server's replicas publish KV cache events (--kv-events-config; a KV-aware router subscribes)
-        "kv_events_endpoints": kv_events_endpoints(eng),
+        "kv_events_endpoints": kv_events_endpoints(eng, state.openai.pd.bootstrap_host),
         "kv_events_topic": eng.kv_events.topic if eng.kv_events is not None else None,
         "encoder_disaggregated": eng.language_only,
         "encoder_urls": list(eng.encoder_urls),

@@ -17,8 +17,8 @@ class PromptEncoder:
         self.image_token = image_token  # what an image part becomes in the chat template's input
         self._token_text: dict[int, str] = {}
 
-    def encode_text(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def encode_chat(self, messages: Sequence[ChatMessage],
                     template_kwargs: dict[str, object] | None = None) -> list[int]:
